@@ -1,0 +1,47 @@
+"""``jdelta <stage> ...``: one entry point for every stage.
+
+Each stage lives in its own module exposing ``add_arguments(parser)`` and
+``run(args) -> int``; modules are imported only when their stage runs, so
+``jdelta --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# stage name -> (module, one-line help). Stages register here.
+STAGES: dict[str, tuple[str, str]] = {
+    "model-info": ("jdelta.models.qwen3_vl.info", "parameter counts and shapes of a Qwen3-VL config"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jdelta", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="stage", metavar="<stage>")
+    for name, (module, help_text) in STAGES.items():
+        p = sub.add_parser(name, help=help_text)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
+        if argv and argv[0] not in ("-h", "--help"):
+            parser.print_help(sys.stderr)
+            print(f"\njdelta: unknown stage {argv[0]!r}", file=sys.stderr)
+            return 2
+        parser.print_help()
+        return 0
+    module = importlib.import_module(STAGES[argv[0]][0])
+    stage_parser = argparse.ArgumentParser(prog=f"jdelta {argv[0]}", description=STAGES[argv[0]][1])
+    module.add_arguments(stage_parser)
+    args = stage_parser.parse_args(argv[1:])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
