@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # stage name -> (module, one-line help). Stages register here.
@@ -36,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         parser.print_help()
         return 0
+    if os.environ.get("JDELTA_DISTRIBUTED") == "1":
+        # Multi-host (TPU pod slice / multi-node GPU): every process runs the same program.
+        import jax
+
+        jax.distributed.initialize()
     module = importlib.import_module(STAGES[argv[0]][0])
     stage_parser = argparse.ArgumentParser(prog=f"jdelta {argv[0]}", description=STAGES[argv[0]][1])
     module.add_arguments(stage_parser)
