@@ -1,0 +1,66 @@
+"""Per-step metrics to a JSONL file and TensorBoard (tensorboardX)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def to_python(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Scalars (JAX/NumPy/Python) -> plain floats; non-scalars are dropped."""
+    out: dict[str, float] = {}
+    for k, v in metrics.items():
+        a = np.asarray(v)
+        if a.size == 1 and np.issubdtype(a.dtype, np.number):
+            out[k] = float(a.reshape(()))
+    return out
+
+
+class MetricsLogger:
+    """Append one JSON object per step to ``<run_dir>/metrics.jsonl``; mirror scalars to TensorBoard.
+
+    Non-finite values are written as JSON ``null`` (and skipped in TensorBoard).
+    """
+
+    def __init__(self, run_dir: str | Path, *, tensorboard: bool = True, filename: str = "metrics.jsonl"):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.run_dir / filename
+        self._file = self.path.open("a")
+        self._tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
+        values = to_python(metrics)
+        record = {"step": int(step), **{k: (v if math.isfinite(v) else None) for k, v in values.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in values.items():
+                if math.isfinite(v):
+                    self._tb.add_scalar(k, v, int(step))
+        return values
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Read a ``metrics.jsonl`` back (for tests, plots and reports)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
