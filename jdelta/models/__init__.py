@@ -1,0 +1,1 @@
+"""Model families implemented in Flax NNX (currently Qwen3-VL)."""

@@ -1,0 +1,306 @@
+"""HF safetensors checkpoints in and out, straight into sharded parameters.
+
+Loading builds the abstract model with ``nnx.eval_shape`` (no parameter memory), checks every
+checkpoint key and shape against it, then materialises each parameter directly on its
+``NamedSharding``: every device reads only its own slice of the memory-mapped tensor
+(``jax.make_array_from_callback``), cast to the parameter dtype. The whole model is never
+put on one device first.
+
+Name mapping: the NNX attribute path joined with dots is the HF key under ``model.`` (the LM
+head is ``lm_head``); ``Dense.kernel [in, out]`` is the transpose of torch's ``weight``; the
+patch embedding kernel ``[C*T*ps*ps, E]`` is the Conv3d weight ``[E, C, T, ps, ps]`` flattened.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct as _struct
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import jax
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from jdelta.models.qwen3_vl.config import Qwen3VLConfig
+from jdelta.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
+from jdelta.sharding import Rules, state_shardings
+
+_ST_DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's keys or shapes do not match the model config."""
+
+
+# ----------------------------------------------------------------------------- safetensors I/O
+
+def read_safetensors_header(file: Path) -> tuple[dict, int]:
+    """``(header dict, data start offset)`` of a safetensors file."""
+    with open(file, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{file}: not a safetensors file (too short)")
+        (n,) = _struct.unpack("<Q", raw)
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{file}: corrupt safetensors header ({e})") from e
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+class _TensorSource:
+    """Memory-mapped view of one tensor (numpy, zero copy until sliced)."""
+
+    def __init__(self, file: Path, entry: dict, data_start: int):
+        self.file, self.entry, self.data_start = file, entry, data_start
+        if entry["dtype"] not in _ST_DTYPES:
+            raise ValueError(f"{file}: tensor dtype {entry['dtype']} is not supported")
+        self.dtype = _ST_DTYPES[entry["dtype"]]
+        self.shape = tuple(entry["shape"])
+
+    def array(self) -> np.ndarray:
+        start, end = self.entry["data_offsets"]
+        if end - start != math.prod(self.shape) * self.dtype.itemsize:
+            raise ValueError(f"{self.file}: tensor byte range does not match its shape {self.shape}")
+        if math.prod(self.shape) == 0:
+            return np.zeros(self.shape, self.dtype)
+        return np.memmap(self.file, dtype=self.dtype, mode="r", offset=self.data_start + start, shape=self.shape)
+
+
+def checkpoint_tensors(path: str | Path) -> dict[str, _TensorSource]:
+    """All tensors of a checkpoint directory: ``model.safetensors``, or the shards listed in
+    ``model.safetensors.index.json``, or every ``*.safetensors`` file."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index}: invalid index file ({e!r})") from e
+        files = sorted({path / f for f in weight_map.values()})
+    elif (path / "model.safetensors").is_file():
+        files = [path / "model.safetensors"]
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no safetensors files (model.safetensors or an index)")
+    out: dict[str, _TensorSource] = {}
+    for file in files:
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: listed in {index.name} but missing")
+        header, start = read_safetensors_header(file)
+        for key, entry in header.items():
+            if key in out:
+                raise ValueError(f"{file}: tensor {key!r} also in {out[key].file}")
+            out[key] = _TensorSource(file, entry, start)
+    return out
+
+
+def write_safetensors(file: Path, tensors: Iterable[tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]]):
+    """Stream tensors to a safetensors file; each is produced by its callable only when written."""
+    tensors = list(tensors)
+    header, offset = {}, 0
+    for key, shape, dtype, _ in tensors:
+        size = math.prod(shape) * np.dtype(dtype).itemsize
+        header[key] = {"dtype": _ST_NAMES[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = {"format": "pt"}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(file, "wb") as f:
+        f.write(_struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for key, shape, dtype, make in tensors:
+            arr = np.ascontiguousarray(make(), dtype=dtype)
+            if arr.shape != tuple(shape):
+                raise ValueError(f"{file}: tensor {key} has shape {arr.shape}, expected {shape}")
+            f.write(arr.tobytes())
+
+
+# ----------------------------------------------------------------------------- name mapping
+
+def _kind(path: tuple) -> str:
+    if path[-1] == "kernel":
+        return "patch" if path[:2] == ("visual", "patch_embed") else "linear"
+    return "same"
+
+
+def hf_key(path: tuple) -> str:
+    """NNX param path -> HF state-dict key."""
+    parts = [str(p) for p in path]
+    if parts[-1] == "kernel":
+        parts[-1] = "weight"
+    elif parts[-1] in ("pos_embed", "embed_tokens"):
+        parts.append("weight")
+    key = ".".join(parts)
+    return key if parts[0] == "lm_head" else "model." + key
+
+
+def hf_shape(path: tuple, shape: tuple[int, ...], config: Qwen3VLConfig) -> tuple[int, ...]:
+    kind = _kind(path)
+    if kind == "linear":
+        return (shape[1], shape[0])
+    if kind == "patch":
+        v = config.vision
+        return (shape[1], v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+    return tuple(shape)
+
+
+def to_jdelta_layout(path: tuple, hf: np.ndarray) -> np.ndarray:
+    """HF tensor -> jdelta parameter layout (views where possible)."""
+    kind = _kind(path)
+    if kind == "linear":
+        return hf.T
+    if kind == "patch":
+        return hf.reshape(hf.shape[0], -1).T
+    return hf
+
+
+def to_hf_layout(path: tuple, value: np.ndarray, config: Qwen3VLConfig) -> np.ndarray:
+    kind = _kind(path)
+    if kind == "linear":
+        return value.T
+    if kind == "patch":
+        return value.T.reshape(hf_shape(path, value.shape, config))
+    return value
+
+
+def _flat_params(state: nnx.State) -> list[tuple[tuple, nnx.Variable]]:
+    return [(tuple(p), v) for p, v in nnx.to_flat_state(state)]
+
+
+def _summarise(title: str, items: list[str], limit: int = 25) -> str:
+    shown = items[:limit] + ([f"... and {len(items) - limit} more"] if len(items) > limit else [])
+    return f"  {title} ({len(items)}):\n" + "\n".join(f"    {s}" for s in shown)
+
+
+# ----------------------------------------------------------------------------- load / save
+
+def abstract_model(config: Qwen3VLConfig) -> Qwen3VLForConditionalGeneration:
+    """The model with ``ShapeDtypeStruct`` parameters (no memory)."""
+    return nnx.eval_shape(lambda: Qwen3VLForConditionalGeneration(config, rngs=nnx.Rngs(0)))
+
+
+def load_hf_checkpoint(path: str | Path, *, mesh: Mesh | None = None, rules: Rules | None = None,
+                       dtype=None, **config_overrides) -> tuple[Qwen3VLForConditionalGeneration, Qwen3VLConfig]:
+    """Load an HF Qwen3-VL checkpoint directory into a (sharded) NNX model.
+
+    Args:
+      path: directory with ``config.json`` and safetensors (single file or sharded with an index).
+      mesh: place each parameter on its ``NamedSharding`` from the logical-axis ``rules``;
+        None puts everything on the default device.
+      dtype: parameter and compute dtype (e.g. "bfloat16"); default: the config's (float32).
+      config_overrides: other jdelta config fields (``attention_impl``, ``remat_policy``, ...).
+    Returns:
+      ``(model, config)``.
+    Raises:
+      CheckpointMismatchError listing missing, unexpected and shape-mismatched keys.
+    """
+    path = Path(path)
+    if dtype is not None:
+        name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+        config_overrides = {"dtype": name, "param_dtype": name, **config_overrides}
+    config = Qwen3VLConfig.from_pretrained(path, **config_overrides)
+    graphdef, state = nnx.split(abstract_model(config))
+    shardings = dict(_flat_params(state_shardings(state, mesh, rules))) if mesh is not None else {}
+    params = _flat_params(state)
+    tensors = checkpoint_tensors(path)
+
+    expected = {hf_key(p): (p, v) for p, v in params}
+    ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    missing = sorted(k for k in expected if k not in tensors)
+    unexpected = sorted(k for k in tensors if k not in expected and k not in ignorable)
+    mismatched = []
+    for key, (p, v) in expected.items():
+        if key in tensors:
+            want = hf_shape(p, v.get_value().shape, config)
+            if tensors[key].shape != want:
+                mismatched.append(f"{key}: checkpoint {tensors[key].shape} vs expected {want}")
+    if missing or unexpected or mismatched:
+        parts = [f"{path}: checkpoint does not match its config.json (Qwen3-VL)"]
+        for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                             ("shape mismatches", mismatched)):
+            if items:
+                parts.append(_summarise(title, items))
+        raise CheckpointMismatchError("\n".join(parts))
+
+    for key, (p, var) in expected.items():
+        abstract = var.get_value()
+        source = to_jdelta_layout(p, tensors[key].array())
+        target = np.dtype(abstract.dtype)
+        if p in shardings:
+            value = jax.make_array_from_callback(
+                abstract.shape, shardings[p], lambda idx, s=source, t=target: np.asarray(s[idx], dtype=t))
+        else:
+            value = jax.device_put(np.asarray(source, dtype=target))
+        var.set_value(value)
+    return nnx.merge(graphdef, state), config
+
+
+def save_hf_checkpoint(model: Qwen3VLForConditionalGeneration, config: Qwen3VLConfig, path: str | Path, *,
+                       dtype=None, max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Write ``config.json`` + safetensors that ``transformers`` loads.
+
+    Tensors are fetched to the host one at a time; more than ``max_shard_bytes`` in total
+    gives several files and a ``model.safetensors.index.json``. ``dtype`` defaults to each
+    parameter's dtype.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    hf_cfg = config.to_hf_dict()
+    params = _flat_params(nnx.state(model, nnx.Param))
+    entries = []
+    for p, var in params:
+        value = var.get_value()
+        out_dtype = np.dtype(dtype) if dtype is not None else np.dtype(value.dtype)
+
+        def make(p=p, var=var):
+            arr = var.get_value()
+            if not arr.is_fully_addressable:
+                from jax.experimental import multihost_utils
+                arr = multihost_utils.process_allgather(arr, tiled=True)
+            return to_hf_layout(p, np.asarray(jax.device_get(arr)), config)
+
+        entries.append((hf_key(p), hf_shape(p, value.shape, config), out_dtype, make))
+    if dtype is not None:
+        hf_cfg["dtype"] = np.dtype(dtype).name
+    shards, current, size = [], [], 0
+    for e in entries:
+        nbytes = math.prod(e[1]) * e[2].itemsize
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(e)
+        size += nbytes
+    if current:
+        shards.append(current)
+    if jax.process_index() == 0:
+        (path / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    if len(shards) == 1:
+        names = ["model.safetensors"]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for name, shard in zip(names, shards, strict=True):
+        if jax.process_index() == 0:
+            write_safetensors(path / name, shard)
+        else:  # other hosts still take part in the all-gathers
+            for *_, make in shard:
+                make()
+        weight_map.update({e[0]: name for e in shard})
+    if len(shards) > 1 and jax.process_index() == 0:
+        total = sum(math.prod(e[1]) * e[2].itemsize for e in entries)
+        (path / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    return path
