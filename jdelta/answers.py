@@ -190,7 +190,9 @@ _NUMBER_RE = re.compile(
     r"(?:(?P<suffix>[kKMB]|bn|mn)(?![a-zA-Z])|\s*(?P<scale>thousand|million|billion|trillion)\b)?"
     r"(?P<unit>(?:\s*[a-zA-Z°µ²³/][a-zA-Z°µ²³/.\-]*){0,2})\s*$"
 )
-_FRAC_RE = re.compile(r"^(?P<sign>[-+])?\s*(?:(?P<whole>\d+)\s+)?(?P<num>\d+)\s*/\s*(?P<den>\d+)\s*(?P<unit>[a-zA-Z°%]*)$")
+_FRAC_RE = re.compile(
+    r"^(?P<sign>[-+])?\s*(?:(?P<whole>\d+)\s+)?(?P<num>\d+)\s*/\s*(?P<den>\d+)\s*(?P<unit>[a-zA-Z°%]*)$"
+)
 
 
 def _clean_numeric(text: str) -> str:
@@ -268,7 +270,9 @@ def parse_number(text: str) -> float | None:
         if m.group("suffix"):
             value *= _SUFFIX_SCALE[m.group("suffix")]
         unit = m.group("unit").strip().lower()
-        if unit and (unit.split()[0] in ("and", "or", "to", "of", "and/or") or any(ch.isdigit() for ch in unit)):
+        if unit and (
+            unit.split()[0] in ("and", "or", "to", "of", "and/or") or any(ch.isdigit() for ch in unit)
+        ):
             return None
         return -value if m.group("sign") == "-" else value
     m = _FRAC_RE.match(s)
@@ -711,7 +715,10 @@ def score_against_reference(
 
 
 def class_correctness(
-    classed: ClassedAnswers, reference: str | Sequence[str], answer_type: str = "auto", metric: str = "exact_match"
+    classed: ClassedAnswers,
+    reference: str | Sequence[str],
+    answer_type: str = "auto",
+    metric: str = "exact_match",
 ) -> np.ndarray:
     """``[C]`` bool: whether each class's representative answer scores > 0.5 against the reference.
 

@@ -160,7 +160,10 @@ def answer_divergence(
 
 
 def all_divergences(
-    teacher_counts: ArrayLike, student_counts: ArrayLike, mask: ArrayLike | None = None, smoothing: float = 0.5
+    teacher_counts: ArrayLike,
+    student_counts: ArrayLike,
+    mask: ArrayLike | None = None,
+    smoothing: float = 0.5,
 ) -> dict[str, jax.Array]:
     """``{metric: [P] Δ}`` for every metric in :data:`METRICS`."""
     return {
@@ -189,7 +192,9 @@ def counts_from_class_ids(class_ids: ArrayLike, num_classes: int) -> jax.Array:
     """
     ids = jnp.asarray(class_ids)
     if ids.ndim != 2 or not jnp.issubdtype(ids.dtype, jnp.integer):
-        raise ValueError(f"class_ids must be an integer [prompts, samples] array, got {ids.dtype} {ids.shape}")
+        raise ValueError(
+            f"class_ids must be an integer [prompts, samples] array, got {ids.dtype} {ids.shape}"
+        )
     if num_classes <= 0:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
     return _counts_from_ids_jit(ids, int(num_classes))
@@ -296,8 +301,13 @@ def majority_correct(counts: ArrayLike, correct: ArrayLike, mask: ArrayLike | No
 # ----------------------------------------------------------------------------- statistical tests
 
 
-@functools.partial(jax.jit, static_argnames=("metric", "num_permutations", "max_total", "randomize_ties"))
-def _permutation_jit(key, t, s, m, metric: str, num_permutations: int, max_total: int, randomize_ties: bool):
+def _chunk_size(total: int, per_item: int, budget: int = 1 << 22) -> int:
+    """How many Monte-Carlo draws to vectorise at once so one chunk holds about ``budget`` elements."""
+    return int(max(1, min(total, budget // max(per_item, 1))))
+
+
+@functools.partial(jax.jit, static_argnames=("metric", "num_permutations", "max_total"))
+def _permutation_jit(key, t, s, m, metric: str, num_permutations: int, max_total: int, randomize_ties):
     t = jnp.where(m, t, 0).astype(jnp.int32)
     s = jnp.where(m, s, 0).astype(jnp.int32)
     num_p, num_c = t.shape
@@ -308,37 +318,38 @@ def _permutation_jit(key, t, s, m, metric: str, num_permutations: int, max_total
     # Pooled sample labels, sorted by class: label at position j = #classes whose cumsum <= j.
     cum = jnp.cumsum(pooled, axis=-1)
     pos = jnp.arange(max_total, dtype=jnp.int32)
-    labels = jnp.sum(cum[:, None, :] <= pos[None, :, None], axis=-1)  # [P, N]; == C past the total
+    labels = jnp.sum(cum[:, None, :] <= pos[None, :, None], axis=-1).astype(jnp.int32)  # [P, N]; C past total
     real = pos[None, :] < total[:, None]
+    to_teacher = pos[None, :] < nt[:, None]
     classes = jnp.arange(num_c, dtype=jnp.int32)
     # Relative tolerance so float noise in Δ does not turn ties into strict inequalities.
     tol = 1e-6 * jnp.maximum(jnp.abs(observed), 1.0)
+    chunk = _chunk_size(num_permutations, num_p * max_total * num_c)
+    num_chunks = -(-num_permutations // chunk)
 
-    def one_draw(carry, k):
+    def one_chunk(carry, xs):
         ge, eq = carry
-        k_perm, k_tie = jax.random.split(k)
-        u = jax.random.uniform(k_perm, (num_p, max_total))
+        k, first = xs
+        u = jax.random.uniform(k, (chunk, num_p, max_total))
         u = jnp.where(real, u, 2.0)  # padding positions sort last and are never drawn
-        order = jnp.argsort(u, axis=-1)
-        perm_labels = jnp.take_along_axis(labels, order, axis=-1)
-        to_teacher = pos[None, :] < nt[:, None]
+        _, perm_labels = jax.lax.sort((u, jnp.broadcast_to(labels, u.shape)), dimension=-1, num_keys=1)
         onehot = (perm_labels[..., None] == classes) & to_teacher[..., None]
-        t_star = onehot.sum(1, dtype=jnp.int32)
+        t_star = onehot.sum(-2, dtype=jnp.int32)  # [chunk, P, C]
         s_star = pooled - t_star
-        d_star = _divergence_from_counts(t_star, s_star, m, metric, 0.5)
-        ge = ge + (d_star > observed + tol)
-        eq = eq + (jnp.abs(d_star - observed) <= tol)
+        d_star = jax.vmap(lambda a, b: _divergence_from_counts(a, b, m, metric, 0.5))(t_star, s_star)
+        use = (first + jnp.arange(chunk) < num_permutations)[:, None]  # the last chunk may overshoot
+        ge = ge + jnp.sum(use & (d_star > observed + tol), axis=0)
+        eq = eq + jnp.sum(use & (jnp.abs(d_star - observed) <= tol), axis=0)
         return (ge, eq), None
 
     zeros = jnp.zeros((num_p,), jnp.float32)
-    keys = jax.random.split(key, num_permutations + 1)
-    (greater, equal), _ = jax.lax.scan(one_draw, (zeros, zeros), keys[1:])
-    if randomize_ties:
-        # The observed statistic is one more member of the tie group: its rank among the ties is uniform.
-        u = jax.random.uniform(keys[0], (num_p,))
-        pval = (greater + jnp.floor(u * (equal + 1.0)) + 1.0) / (num_permutations + 1.0)
-    else:
-        pval = (greater + equal + 1.0) / (num_permutations + 1.0)
+    k_tie, k_perm = jax.random.split(key)
+    xs = (jax.random.split(k_perm, num_chunks), jnp.arange(num_chunks) * chunk)
+    (greater, equal), _ = jax.lax.scan(one_chunk, (zeros, zeros), xs)
+    # Randomised ties: the observed Δ is one more member of its tie group, at a uniform rank in it.
+    u = jax.random.uniform(k_tie, (num_p,))
+    ties_counted = jnp.where(randomize_ties, jnp.floor(u * (equal + 1.0)), equal)
+    pval = (greater + ties_counted + 1.0) / (num_permutations + 1.0)
     valid = (nt > 0) & (total - nt > 0)
     return jnp.where(valid, pval, jnp.nan)
 
@@ -382,7 +393,9 @@ def delta_permutation_pvalue(
     if bool(jnp.any((t < 0) | (s < 0))):
         raise ValueError("counts must be non-negative")
     max_total = int(jnp.max(jnp.where(m, t + s, 0).sum(-1))) if t.size else 0
-    return _permutation_jit(key, t, s, m, metric, int(num_permutations), max(max_total, 1), randomize_ties)
+    return _permutation_jit(
+        key, t, s, m, metric, int(num_permutations), max(max_total, 1), jnp.asarray(bool(randomize_ties))
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("metric", "num_draws"))
@@ -390,15 +403,21 @@ def _posterior_jit(key, t, s, m, epsilon, alpha, metric: str, num_draws: int):
     mf = m.astype(jnp.float32)
     conc_t = jnp.where(m, t.astype(jnp.float32) + alpha, 1.0)
     conc_s = jnp.where(m, s.astype(jnp.float32) + alpha, 1.0)
+    chunk = _chunk_size(num_draws, t.size)
+    num_chunks = -(-num_draws // chunk)
 
-    def one_draw(acc, k):
+    def one_chunk(acc, xs):
+        k, first = xs
         kt, ks = jax.random.split(k)
-        gt = jax.random.gamma(kt, conc_t) * mf
-        gs = jax.random.gamma(ks, conc_s) * mf
-        d = _divergence_from_counts(gt, gs, m, metric, 0.5)  # normalises the gammas: Dirichlet draws
-        return acc + (d > epsilon), None
+        gt = jax.random.gamma(kt, conc_t, (chunk, *t.shape)) * mf
+        gs = jax.random.gamma(ks, conc_s, (chunk, *t.shape)) * mf
+        # _divergence_from_counts normalises the gamma draws: joint Dirichlet posterior draws.
+        d = jax.vmap(lambda a, b: _divergence_from_counts(a, b, m, metric, 0.5))(gt, gs)
+        use = (first + jnp.arange(chunk) < num_draws)[:, None]
+        return acc + jnp.sum(use & (d > epsilon), axis=0), None
 
-    acc, _ = jax.lax.scan(one_draw, jnp.zeros(t.shape[:1], jnp.float32), jax.random.split(key, num_draws))
+    xs = (jax.random.split(key, num_chunks), jnp.arange(num_chunks) * chunk)
+    acc, _ = jax.lax.scan(one_chunk, jnp.zeros(t.shape[:1], jnp.float32), xs)
     return acc / num_draws
 
 
@@ -508,7 +527,9 @@ def zero_delta_summary(
     for name, labels in (groups or {}).items():
         lab = np.asarray(labels, dtype=object).reshape(-1)
         if lab.shape != flags.shape:
-            raise ValueError(f"shape mismatch: group {name!r} has {lab.shape[0]} labels for {flags.shape[0]} prompts")
+            raise ValueError(
+                f"shape mismatch: group {name!r} has {lab.shape[0]} labels for {flags.shape[0]} prompts"
+            )
         rows = {}
         for label in sorted(set(lab.tolist()), key=str):
             sel = lab == label

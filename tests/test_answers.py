@@ -13,7 +13,12 @@ TABLE = [
     # thinking blocks
     ("<think>The bars are 12 and 30, so 42.</think>\nThe answer is 42.", "auto", "42", ("number", 42.0)),
     ("<think>maybe 5?\nno, 6</think>6", "auto", "6", ("number", 6.0)),
-    ("Let me look at the chart.\nThe peak is 2019.</think>\n\n**Answer:** 2019", "auto", "2019", ("number", 2019.0)),
+    (
+        "Let me look at the chart.\nThe peak is 2019.</think>\n\n**Answer:** 2019",
+        "auto",
+        "2019",
+        ("number", 2019.0),
+    ),
     ("<think>The value is clearly 17 ... wait, let me recount the", "auto", "", ("invalid", "empty")),
     ("<THINK>x</THINK> Yes", "auto", "Yes", ("yes_no", "yes")),
     ("<think>a</think><think>b</think>Answer: B", "choice", "B", ("choice", "B")),
@@ -91,7 +96,9 @@ TABLE = [
 ]
 
 
-@pytest.mark.parametrize("completion,answer_type,extracted,key", TABLE, ids=[f"row{i}" for i in range(len(TABLE))])
+@pytest.mark.parametrize(
+    "completion,answer_type,extracted,key", TABLE, ids=[f"row{i}" for i in range(len(TABLE))]
+)
 def test_extraction_and_normalisation_table(completion, answer_type, extracted, key):
     got = A.extract_answer(completion)
     assert got == extracted
@@ -139,7 +146,11 @@ def test_class_answers_rejects_bad_input():
 
 @settings(max_examples=50, deadline=None)
 @given(
-    st.lists(st.sampled_from(["5", "five", "6", "Yes", "no", "(B)", "blue", "", "5.0", "<think>x"]), min_size=1, max_size=8),
+    st.lists(
+        st.sampled_from(["5", "five", "6", "Yes", "no", "(B)", "blue", "", "5.0", "<think>x"]),
+        min_size=1,
+        max_size=8,
+    ),
     st.lists(st.sampled_from(["5", "6", "Yes", "NO", "B.", "Blue!", "", "7"]), min_size=1, max_size=8),
 )
 def test_class_answers_counts_add_up_and_are_consistent(teacher, student):
@@ -187,7 +198,11 @@ def test_levenshtein_reference_values():
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.text(alphabet="abcd ", max_size=8), st.text(alphabet="abcd ", max_size=8), st.text(alphabet="abcd", max_size=5))
+@given(
+    st.text(alphabet="abcd ", max_size=8),
+    st.text(alphabet="abcd ", max_size=8),
+    st.text(alphabet="abcd", max_size=5),
+)
 def test_levenshtein_is_a_metric(a, b, c):
     d = A.levenshtein
     assert d(a, b) == d(b, a)
@@ -206,7 +221,9 @@ def test_anls_worked_examples():
     assert A.anls("abcde", "abxde") == pytest.approx(0.8)
     assert A.anls("  New   York ", ["Boston", "new york"]) == 1.0  # max over references
     assert A.anls("Lincoln", ["Abe Lincoln", "lincon"]) == pytest.approx(1 - 1 / 7)
-    scores = [A.anls(p, r) for p, r in [("Georgia", "Georgia"), ("Geogia", "Georgia"), ("Atlanta", "Georgia")]]
+    scores = [
+        A.anls(p, r) for p, r in [("Georgia", "Georgia"), ("Geogia", "Georgia"), ("Atlanta", "Georgia")]
+    ]
     assert np.mean(scores) == pytest.approx((1 + 6 / 7 + 0) / 3)
 
 
@@ -238,7 +255,9 @@ def test_exact_match_and_mc():
 
 def test_score_against_reference():
     comps = ["<think>x</think>\\boxed{104}", "Answer: 110", "", "The answer is 100."]
-    np.testing.assert_array_equal(A.score_against_reference(comps, "100", metric="relaxed_accuracy"), [1, 0, 0, 1])
+    np.testing.assert_array_equal(
+        A.score_against_reference(comps, "100", metric="relaxed_accuracy"), [1, 0, 0, 1]
+    )
     np.testing.assert_array_equal(A.score_against_reference(comps, "100", metric="exact_match"), [0, 0, 0, 1])
     s = A.score_against_reference(["Answer: Geogia"], ["Georgia"], metric="anls")
     assert s.dtype == np.float32 and s[0] == pytest.approx(6 / 7)

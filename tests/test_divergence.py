@@ -1,0 +1,265 @@
+"""Answer divergence Δ: properties, SciPy references, zero-delta tests and summaries."""
+
+import jax
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
+from scipy.spatial.distance import jensenshannon
+
+from jdelta import divergence as D
+
+BOUNDED = ("tv", "js", "hellinger")
+
+
+@st.composite
+def count_pairs(draw, num_p=6, num_c=7, max_n=12):
+    """(teacher [P, C], student [P, C], mask [P, C]) with every row non-empty on both sides.
+
+    Shapes are fixed (prompts differ in their number of real classes through the mask) so that
+    each jitted function compiles once per test rather than once per example.
+    """
+    p, c = num_p, num_c
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    width = rng.integers(1, c + 1, size=p)
+    mask = np.arange(c)[None, :] < width[:, None]
+    t = rng.integers(0, max_n + 1, size=(p, c)) * mask
+    s = rng.integers(0, max_n + 1, size=(p, c)) * mask
+    # Force equal rows sometimes, and make every row non-empty.
+    same = rng.random(p) < 0.3
+    s[same] = t[same] * rng.integers(1, 3)
+    t[:, 0] += t.sum(1) == 0
+    s[:, 0] += s.sum(1) == 0
+    # Garbage in padding columns must be ignored.
+    t = t + (~mask) * rng.integers(0, 5, size=(p, c))
+    return t.astype(np.int32), s.astype(np.int32), mask
+
+
+def _np_dists(t, s, m):
+    t = np.where(m, t, 0).astype(np.float64)
+    s = np.where(m, s, 0).astype(np.float64)
+    return t / t.sum(1, keepdims=True), s / s.sum(1, keepdims=True)
+
+
+@settings(max_examples=40, deadline=None)
+@given(count_pairs())
+def test_matches_scipy_and_numpy_references(data):
+    t, s, m = data
+    p, q = _np_dists(t, s, m)
+    got = {k: np.asarray(v) for k, v in D.all_divergences(t, s, m, smoothing=0.5).items()}
+    for i in range(t.shape[0]):
+        np.testing.assert_allclose(got["tv"][i], 0.5 * np.abs(p[i] - q[i]).sum(), atol=1e-6)
+        np.testing.assert_allclose(got["js"][i], jensenshannon(p[i], q[i], base=2) ** 2, atol=2e-6)
+        hel = np.sqrt(0.5 * ((np.sqrt(p[i]) - np.sqrt(q[i])) ** 2).sum())
+        np.testing.assert_allclose(got["hellinger"][i], hel, atol=2e-6)
+        real = m[i]
+        ps = (t[i][real] + 0.5) / (t[i][real].sum() + 0.5 * real.sum())
+        qs = (s[i][real] + 0.5) / (s[i][real].sum() + 0.5 * real.sum())
+        np.testing.assert_allclose(got["kl_ts"][i], stats.entropy(ps, qs), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(got["kl_st"][i], stats.entropy(qs, ps), rtol=1e-4, atol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(count_pairs())
+def test_symmetry_bounds_and_zero_iff_equal(data):
+    t, s, m = data
+    p, q = _np_dists(t, s, m)
+    equal = np.all(np.abs(p - q) < 1e-12, axis=1)
+    for metric in BOUNDED:
+        d = np.asarray(D.answer_divergence(t, s, m, metric=metric))
+        d_rev = np.asarray(D.answer_divergence(s, t, m, metric=metric))
+        np.testing.assert_allclose(d, d_rev, atol=1e-6)
+        assert np.all((d >= 0) & (d <= 1))
+        np.testing.assert_array_equal(d < 1e-6, equal)
+    kl_ts = np.asarray(D.answer_divergence(t, s, m, metric="kl_ts"))
+    kl_st_rev = np.asarray(D.answer_divergence(s, t, m, metric="kl_st"))
+    np.testing.assert_allclose(kl_ts, kl_st_rev, rtol=1e-5, atol=1e-7)
+    assert np.all(kl_ts >= 0)
+    np.testing.assert_array_equal(np.asarray(D.is_zero_delta(t, s, m)), equal)
+
+
+@settings(max_examples=30, deadline=None)
+@given(count_pairs(), st.integers(0, 2**32 - 1))
+def test_relabelling_invariance(data, seed):
+    t, s, m = data
+    perm = np.random.default_rng(seed).permutation(t.shape[1])
+    for metric in D.METRICS:
+        a = np.asarray(D.answer_divergence(t, s, m, metric=metric))
+        b = np.asarray(D.answer_divergence(t[:, perm], s[:, perm], m[:, perm], metric=metric))
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_worked_values_and_edge_cases():
+    t = np.array([[8, 8, 0], [16, 0, 0], [4, 4, 8], [0, 0, 0], [3, 1, 0]])
+    s = np.array([[8, 8, 0], [0, 16, 0], [8, 4, 4], [5, 0, 0], [6, 2, 0]])
+    tv = np.asarray(D.answer_divergence(t, s))
+    np.testing.assert_allclose(tv[:3], [0.0, 1.0, 0.25])
+    assert np.isnan(tv[3])  # no teacher samples: undefined, not zero
+    assert tv[4] == 0.0  # same distribution, different n
+    np.testing.assert_allclose(np.asarray(D.answer_divergence(t[1:2], s[1:2], metric="js")), [1.0])
+    np.testing.assert_allclose(np.asarray(D.answer_divergence(t[1:2], s[1:2], metric="hellinger")), [1.0])
+    np.testing.assert_array_equal(np.asarray(D.is_zero_delta(t, s)), [True, False, False, False, True])
+    # KL with smoothing: equal counts -> 0; disjoint support stays finite.
+    kl = np.asarray(D.answer_divergence(t[:2], s[:2], metric="kl_ts", smoothing=1.0))
+    assert kl[0] == 0.0 and np.isfinite(kl[1]) and kl[1] > 1.0
+
+
+def test_bad_input_errors():
+    t = np.ones((2, 3), np.int32)
+    with pytest.raises(ValueError, match="unknown divergence metric 'kl'"):
+        D.answer_divergence(t, t, metric="kl")
+    with pytest.raises(
+        ValueError, match=r"shape mismatch: teacher_counts \(2, 3\) vs student_counts \(2, 4\)"
+    ):
+        D.answer_divergence(t, np.ones((2, 4)))
+    with pytest.raises(ValueError, match="mask"):
+        D.answer_divergence(t, t, mask=np.ones((3, 3), bool))
+    with pytest.raises(ValueError, match=r"\[prompts, classes\]"):
+        D.answer_divergence(np.ones(3), np.ones(3))
+    with pytest.raises(ValueError, match="smoothing"):
+        D.answer_divergence(t, t, metric="kl_ts", smoothing=0.0)
+    with pytest.raises(ValueError, match="correct"):
+        D.accuracy_gap(t, t, np.ones((2, 2), bool))
+
+
+def test_jit_and_vmap_compose():
+    rng = np.random.default_rng(0)
+    t = rng.integers(0, 5, size=(4, 6))
+    s = rng.integers(0, 5, size=(4, 6))
+    t[:, 0] += 1
+    s[:, 0] += 1
+    f = jax.jit(D.answer_divergence, static_argnames=("metric",))
+    np.testing.assert_allclose(
+        np.asarray(f(t, s, None, metric="js")), np.asarray(D.answer_divergence(t, s, metric="js"))
+    )
+    per_row = jax.vmap(lambda a, b: D.answer_divergence(a[None], b[None])[0])(t, s)
+    np.testing.assert_allclose(np.asarray(per_row), np.asarray(D.answer_divergence(t, s)), atol=1e-7)
+
+
+def test_counts_from_class_ids():
+    rng = np.random.default_rng(1)
+    ids = rng.integers(-1, 6, size=(50, 16))
+    got = np.asarray(D.counts_from_class_ids(ids, 6))
+    want = np.stack([np.bincount(r[r >= 0], minlength=6) for r in ids])
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="integer"):
+        D.counts_from_class_ids(ids.astype(float), 6)
+
+
+def test_accuracy_gap_agreement_and_majority():
+    t = np.array([[6, 2, 0], [1, 1, 0], [0, 0, 0]])
+    s = np.array([[2, 6, 0], [0, 4, 0], [1, 0, 0]])
+    correct = np.array([[1, 0, 0], [0, 1, 0], [1, 0, 0]], bool)
+    gap = D.accuracy_gap(t, s, correct)
+    np.testing.assert_allclose(np.asarray(gap.teacher_accuracy)[:2], [0.75, 0.5])
+    np.testing.assert_allclose(np.asarray(gap.student_accuracy), [0.25, 1.0, 1.0])
+    np.testing.assert_allclose(np.asarray(gap.gap)[:2], [0.5, -0.5])
+    assert np.isnan(np.asarray(gap.teacher_accuracy)[2])
+    np.testing.assert_allclose(np.asarray(D.reference_agreement(s, correct)), [0.25, 1.0, 1.0])
+    # Majority vote; the 1-1 tie in row 1 goes to class 0 (wrong); an empty row is not correct.
+    np.testing.assert_array_equal(np.asarray(D.majority_correct(t, correct)), [True, False, False])
+    np.testing.assert_array_equal(np.asarray(D.majority_correct(s, correct)), [False, True, True])
+    # A padding class is never correct nor counted.
+    mask = np.array([[1, 0, 0], [1, 1, 0], [1, 1, 1]], bool)
+    np.testing.assert_allclose(np.asarray(D.reference_agreement(t, correct, mask))[:2], [1.0, 0.5])
+
+
+# ----------------------------------------------------------------------------- statistical tests
+
+
+def test_permutation_pvalue_matches_exact_hypergeometric_test():
+    # Two classes: under H0 the teacher's count of class 0 is hypergeometric; the exact p-value is
+    # P(|T/nt - (K-T)/ns| >= observed). The Monte-Carlo p-value must agree within its error.
+    nt = ns = 16
+    t = np.array([[12, 4], [9, 7], [16, 0], [8, 8]])
+    s = np.array([[6, 10], [7, 9], [10, 6], [8, 8]])
+    pv = np.asarray(D.delta_permutation_pvalue(jax.random.key(0), t, s, num_permutations=3999))
+    for i in range(len(t)):
+        k = t[i, 0] + s[i, 0]
+        obs = abs(t[i, 0] / nt - s[i, 0] / ns)
+        x = np.arange(0, min(k, nt) + 1)
+        tv = np.abs(x / nt - (k - x) / ns)
+        exact = stats.hypergeom(nt + ns, k, nt).pmf(x)[tv >= obs - 1e-9].sum()
+        assert abs(pv[i] - exact) < 0.025, (i, pv[i], exact)
+    # Disjoint answers: nothing as extreme in any permutation.
+    pv = np.asarray(D.delta_permutation_pvalue(jax.random.key(1), [[16, 0]], [[0, 16]], num_permutations=99))
+    np.testing.assert_allclose(pv, [0.01])
+
+
+def test_permutation_test_is_calibrated_under_h0():
+    # Pairs drawn from one distribution: the rejection rate at level 0.05 is at most nominal
+    # (conservative with ties) and about nominal with randomised ties. 1000 prompts: SE ~ 0.007.
+    rng = np.random.default_rng(0)
+    probs = np.array([0.45, 0.25, 0.15, 0.1, 0.05])
+    t = rng.multinomial(16, probs, size=1000)
+    s = rng.multinomial(16, probs, size=1000)
+    level = 0.05
+    p_cons = np.asarray(D.delta_permutation_pvalue(jax.random.key(0), t, s, num_permutations=199))
+    p_rand = np.asarray(
+        D.delta_permutation_pvalue(jax.random.key(0), t, s, num_permutations=199, randomize_ties=True)
+    )
+    rate_cons = (p_cons <= level).mean()
+    rate_rand = (p_rand <= level).mean()
+    assert 0.015 <= rate_cons <= level + 0.02, rate_cons
+    assert abs(rate_rand - level) <= 0.022, rate_rand
+    # Power: a real shift is flagged far more often.
+    s_alt = rng.multinomial(16, probs[::-1], size=1000)
+    p_alt = np.asarray(D.delta_permutation_pvalue(jax.random.key(2), t, s_alt, num_permutations=199))
+    assert (p_alt <= level).mean() > 0.8
+
+
+def test_posterior_delta_exceeds_matches_numpy_monte_carlo():
+    t = np.array([[10, 6, 0], [16, 0, 0], [200, 200, 0], [400, 0, 0]])
+    s = np.array([[6, 10, 0], [0, 16, 0], [200, 200, 0], [0, 400, 0]])
+    mask = np.array([[1, 1, 1], [1, 1, 0], [1, 1, 0], [1, 1, 0]], bool)
+    got = np.asarray(D.posterior_delta_exceeds(jax.random.key(0), t, s, mask, epsilon=0.1, num_draws=4000))
+    rng = np.random.default_rng(0)
+    for i in range(len(t)):
+        real = mask[i]
+        pt = rng.dirichlet(t[i][real] + 0.5, size=20000)
+        ps = rng.dirichlet(s[i][real] + 0.5, size=20000)
+        ref = (0.5 * np.abs(pt - ps).sum(1) > 0.1).mean()
+        assert abs(got[i] - ref) < 0.03, (i, got[i], ref)
+    assert got[1] > 0.99 and got[2] < 0.01 and got[3] > 0.99
+    with pytest.raises(ValueError, match="alpha"):
+        D.posterior_delta_exceeds(jax.random.key(0), t, s, alpha=0.0)
+
+
+# ----------------------------------------------------------------------------- summaries
+
+
+def test_proportion_intervals_reference_values():
+    np.testing.assert_allclose(D.proportion_interval(5, 10), (0.2366, 0.7634), atol=1e-4)
+    np.testing.assert_allclose(D.proportion_interval(0, 10), (0.0, 0.2775), atol=1e-4)
+    np.testing.assert_allclose(
+        D.proportion_interval(5, 10, method="clopper-pearson"), (0.1871, 0.8129), atol=1e-4
+    )
+    np.testing.assert_allclose(
+        D.proportion_interval(0, 10, method="clopper-pearson"), (0.0, 0.3085), atol=1e-4
+    )
+    assert np.isnan(D.proportion_interval(0, 0)[0])
+    with pytest.raises(ValueError, match="interval method"):
+        D.proportion_interval(1, 2, method="exact")
+
+
+def test_zero_delta_summary_per_group():
+    zero = np.array([1, 1, 0, 0, 1, 0], bool)
+    valid = np.array([1, 1, 1, 1, 1, 0], bool)
+    out = D.zero_delta_summary(
+        zero, {"dataset": ["chartqa"] * 3 + ["docvqa"] * 3, "category": [0, 1, 0, 1, 0, 1]}, valid=valid
+    )
+    assert (
+        out["overall"]["prompts"] == 5
+        and out["overall"]["zero_delta"] == 3
+        and out["overall"]["skipped"] == 1
+    )
+    assert out["overall"]["fraction"] == pytest.approx(0.6)
+    lo, hi = D.proportion_interval(3, 5)
+    assert out["overall"]["ci_low"] == pytest.approx(lo) and out["overall"]["ci_high"] == pytest.approx(hi)
+    assert out["dataset"]["chartqa"]["fraction"] == pytest.approx(2 / 3)
+    assert out["dataset"]["docvqa"]["prompts"] == 2 and out["dataset"]["docvqa"]["skipped"] == 1
+    assert out["category"][0]["zero_delta"] == 2 and out["category"][1]["zero_delta"] == 1
+    with pytest.raises(ValueError, match="group 'dataset' has 2 labels for 6 prompts"):
+        D.zero_delta_summary(zero, {"dataset": ["a", "b"]})
