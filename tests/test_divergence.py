@@ -101,6 +101,12 @@ def test_worked_values_and_edge_cases():
     np.testing.assert_allclose(np.asarray(D.answer_divergence(t[1:2], s[1:2], metric="js")), [1.0])
     np.testing.assert_allclose(np.asarray(D.answer_divergence(t[1:2], s[1:2], metric="hellinger")), [1.0])
     np.testing.assert_array_equal(np.asarray(D.is_zero_delta(t, s)), [True, False, False, False, True])
+    # Integer TV (exact int32 path, float fallback past int32-safe totals) equals float TV.
+    big_t, big_s = np.array([[60000, 0, 1], [3, 1, 0]]), np.array([[25000, 25000, 0], [1, 1, 0]])
+    want = [0.5 * (abs(60000 / 60001 - 0.5) + 0.5 + 1 / 60001), 0.25]
+    np.testing.assert_allclose(np.asarray(D.answer_divergence(big_t, big_s)), want, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(D.answer_divergence(big_t[1:], big_s[1:])), [0.25])
+    np.testing.assert_allclose(np.asarray(D.answer_divergence(big_t * 1.0, big_s * 1.0)), want, rtol=1e-6)
     # KL with smoothing: equal counts -> 0; disjoint support stays finite.
     kl = np.asarray(D.answer_divergence(t[:2], s[:2], metric="kl_ts", smoothing=1.0))
     assert kl[0] == 0.0 and np.isfinite(kl[1]) and kl[1] > 1.0
