@@ -412,7 +412,8 @@ class ClassedAnswers(NamedTuple):
     ``teacher_counts`` / ``student_counts``: ``[C]`` int32 per-class counts (each sums to its n);
     ``labels``: ``C`` class labels (:data:`INVALID_LABEL` for the invalid class); ``teacher_ids`` /
     ``student_ids``: ``[n]`` int32 class id of every sample; ``classes``: a representative
-    :class:`Normalized` per class (its first member), used to judge correctness.
+    :class:`Normalized` per class (its first member's raw answer; for numbers, the class's smallest
+    value), used to judge correctness.
     """
 
     teacher_counts: np.ndarray
@@ -480,7 +481,8 @@ def class_answers(
     for i, (k, n) in enumerate(zip(keys, norms, strict=True)):
         if k not in index:
             index[k] = len(classes)
-            classes.append(n)
+            # Numbers are labelled by the class's smallest value, so labels do not depend on order.
+            classes.append(Normalized("number", k[1], n.raw) if n.kind == "number" else n)
         ids[i] = index[k]
     nt = len(teacher_answers)
     num_c = len(classes)
@@ -631,9 +633,10 @@ def _chartqa_float(text: str) -> float | None:
         v = parse_number(t[:-1])
         return None if v is None else v / 100.0
     try:
-        return float(t)
+        v = float(t)
     except ValueError:
         return parse_number(t)
+    return v if math.isfinite(v) else None  # "nan", "Infinity" are words here, not numbers
 
 
 def relaxed_accuracy(prediction: str, reference: str | Sequence[str], tolerance: float = 0.05) -> float:

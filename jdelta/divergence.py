@@ -449,7 +449,8 @@ def _posterior_jit(key, t, s, m, epsilon, alpha, metric: str, num_draws: int):
 
     xs = (jax.random.split(key, num_chunks), jnp.arange(num_chunks) * chunk)
     acc, _ = jax.lax.scan(one_chunk, jnp.zeros(t.shape[:1], jnp.float32), xs)
-    return acc / num_draws
+    valid = (jnp.where(m, t, 0).sum(-1) > 0) & (jnp.where(m, s, 0).sum(-1) > 0)
+    return jnp.where(valid, acc / num_draws, jnp.nan)
 
 
 def posterior_delta_exceeds(
@@ -470,7 +471,8 @@ def posterior_delta_exceeds(
     ``num_draws`` joint posterior draws. Only observed classes (mask True) are modelled.
 
     Returns:
-      ``[P]`` float32 probabilities in [0, 1] (Monte-Carlo standard error ``<= 0.5/sqrt(num_draws)``).
+      ``[P]`` float32 probabilities in [0, 1] (Monte-Carlo standard error ``<= 0.5/sqrt(num_draws)``);
+      NaN where a side has no samples.
     """
     _check_metric(metric)
     if alpha <= 0:

@@ -271,3 +271,82 @@ def test_class_correctness():
     c = A.class_answers(["Answer: 104", "Answer: 120", "<think>"], ["Answer: 100"])
     np.testing.assert_array_equal(A.class_correctness(c, "100", metric="relaxed_accuracy"), [1, 0, 0, 1])
     np.testing.assert_array_equal(A.class_correctness(c, "100", metric="exact_match"), [0, 0, 0, 1])
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.text(max_size=12),
+            st.sampled_from(
+                [
+                    "<think>",
+                    "</think>",
+                    "\\boxed{",
+                    "}",
+                    "{",
+                    "<answer>",
+                    "</answer>",
+                    "Answer:",
+                    "\n",
+                    "the answer is",
+                    "$",
+                    "%",
+                    "1,000",
+                    "-",
+                    "twelve",
+                    "(B)",
+                    "**",
+                    "\\frac{1}{2}",
+                    "e5",
+                ]
+            ),
+        ),
+        max_size=12,
+    )
+)
+def test_extraction_and_normalisation_never_crash(parts):
+    completion = "".join(parts)
+    ans = A.extract_answer(completion)
+    assert isinstance(ans, str)
+    for answer_type in A.ANSWER_TYPES:
+        norm = A.normalize_answer(ans, answer_type)
+        assert norm.kind in ("number", "yes_no", "choice", "text", "invalid")
+        if norm.kind == "number":
+            assert np.isfinite(norm.value)
+        assert A.normalize_answer(ans, answer_type) == norm  # deterministic
+    for metric in A.METRICS:
+        assert 0.0 <= A.score_answer(ans, "12", metric) <= 1.0
+
+
+def test_relaxed_accuracy_non_finite_words():
+    assert A.relaxed_accuracy("Infinity", "infinity") == 1.0
+    assert A.relaxed_accuracy("nan", "5") == 0.0
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(["33.3", "33.33", "33.4", "1e3", "1,000", "Yes", "", "(C)", "blue"]),
+        min_size=1,
+        max_size=8,
+    ),
+    st.lists(
+        st.sampled_from(["33.31", "33.3%", "1000.4", "no", "C.", "Blue", "x" * 301]), min_size=1, max_size=8
+    ),
+    st.randoms(use_true_random=False),
+)
+def test_class_answers_do_not_depend_on_sample_order(teacher, student, rnd):
+    def table(c):
+        return sorted(zip(c.labels, c.teacher_counts.tolist(), c.student_counts.tolist(), strict=True))
+
+    base = A.class_answers(teacher, student)
+    t2, s2 = teacher[:], student[:]
+    rnd.shuffle(t2)
+    rnd.shuffle(s2)
+    assert table(A.class_answers(t2, s2)) == table(base)
+    # Swapping the roles swaps the counts and keeps the classes.
+    swapped = A.class_answers(student, teacher)
+    assert sorted(
+        zip(swapped.labels, swapped.student_counts.tolist(), swapped.teacher_counts.tolist(), strict=True)
+    ) == table(base)

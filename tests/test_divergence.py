@@ -229,6 +229,8 @@ def test_posterior_delta_exceeds_matches_numpy_monte_carlo():
         ref = (0.5 * np.abs(pt - ps).sum(1) > 0.1).mean()
         assert abs(got[i] - ref) < 0.03, (i, got[i], ref)
     assert got[1] > 0.99 and got[2] < 0.01 and got[3] > 0.99
+    empty = np.asarray(D.posterior_delta_exceeds(jax.random.key(0), [[0, 0], [1, 1]], [[2, 0], [1, 1]]))
+    assert np.isnan(empty[0]) and np.isfinite(empty[1])
     with pytest.raises(ValueError, match="alpha"):
         D.posterior_delta_exceeds(jax.random.key(0), t, s, alpha=0.0)
 
