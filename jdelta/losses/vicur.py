@@ -82,8 +82,8 @@ def vicur_loss(
 
     Returns ``(loss, metrics)`` with ``vicur_advantage_mean``, ``vicur_k1_mean`` (sampled reverse-KL
     estimate ``lp_old - lp_T``, unclamped), ``vicur_clip_fraction``, ``vicur_ratio_mean``,
-    ``vicur_approx_kl`` (``lp_old - lp_new``), ``vicur_clamped_fraction`` (tokens whose k1 hit the
-    loss clamp). All-zero mask: ``ValueError`` (concrete) / NaN (jit).
+    ``vicur_approx_kl`` (``lp_old - lp_new``), ``vicur_clamped_fraction`` (tokens whose advantage a
+    clamp changed; with both clamps at 10 the log-prob clamp is the one that binds). All-zero mask: ``ValueError`` (concrete) / NaN (jit).
     """
     if not (student_logprobs.shape == student_logprobs_old.shape == teacher_logprobs.shape == mask.shape):
         raise ValueError(
@@ -119,6 +119,6 @@ def vicur_loss(
         "vicur_clip_fraction": mean(l2 > l1),
         "vicur_ratio_mean": mean(ratio),
         "vicur_approx_kl": mean(lp_old - lp_new),
-        "vicur_clamped_fraction": mean(jnp.abs(-adv) >= (loss_clamp if loss_clamp is not None else jnp.inf)),
+        "vicur_clamped_fraction": mean(adv != -k1_raw),
     }
     return loss, metrics
