@@ -406,7 +406,8 @@ def normalize_completion(completion: str, answer_type: str = "auto") -> Normaliz
 # ----------------------------------------------------------------------------- equivalence classes
 
 
-class ClassedAnswers(NamedTuple):
+@dataclass(frozen=True, eq=False)
+class ClassedAnswers:
     """Answer classes of one prompt.
 
     ``teacher_counts`` / ``student_counts``: ``[C]`` int32 per-class counts (each sums to its n);
@@ -414,6 +415,9 @@ class ClassedAnswers(NamedTuple):
     ``student_ids``: ``[n]`` int32 class id of every sample; ``classes``: a representative
     :class:`Normalized` per class (its first member's raw answer; for numbers, the class's smallest
     value), used to judge correctness.
+
+    Unpacks as ``teacher_counts, student_counts, labels = class_answers(...)``; the other fields
+    are read by name.
     """
 
     teacher_counts: np.ndarray
@@ -422,6 +426,13 @@ class ClassedAnswers(NamedTuple):
     teacher_ids: np.ndarray
     student_ids: np.ndarray
     classes: list[Normalized]
+
+    def __iter__(self):
+        return iter((self.teacher_counts, self.student_counts, self.labels))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
 
 
 def _class_keys(norms: Sequence[Normalized], rel_tol: float, abs_tol: float) -> list[tuple]:

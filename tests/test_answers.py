@@ -123,8 +123,9 @@ def test_class_answers_groups_equivalent_forms():
     np.testing.assert_array_equal(c.student_counts, [2, 1, 1, 1])
     np.testing.assert_array_equal(c.teacher_ids, [0, 0, 0, 1, 2])
     np.testing.assert_array_equal(c.student_ids, [0, 1, 2, 3, 0])
-    t_counts, s_counts, labels = c[:3]
-    assert t_counts.sum() == len(teacher) and s_counts.sum() == len(student)
+    t_counts, s_counts, labels = A.class_answers(teacher, student)
+    assert t_counts.sum() == len(teacher) and s_counts.sum() == len(student) and labels == c.labels
+    assert c.num_classes == 4
 
 
 def test_class_answers_number_tolerance():
