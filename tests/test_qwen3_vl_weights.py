@@ -1,0 +1,138 @@
+"""Qwen3-VL HF weights in and out, sharded loading, and clear errors for bad checkpoints."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+from qwen3_vl_tiny import (
+    CASES,
+    assert_parity,
+    hf_logits,
+    jd_bucketed,
+    make_batch,
+    tiny_checkpoint,
+    tiny_hf_config,
+)
+from safetensors.torch import load_file, save_file
+from transformers import Qwen3VLForConditionalGeneration as HFModel
+
+from jdelta.models.qwen3_vl import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+from jdelta.models.qwen3_vl.weights import CheckpointMismatchError, load_hf_checkpoint, save_hf_checkpoint
+from jdelta.sharding import make_mesh
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("qwen3vl_tiny"))
+
+
+def _params(model):
+    return {tuple(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def test_export_roundtrip_transformers_loads_same_logits(ckpt, tmp_path):
+    hf, model, config, _ = ckpt
+    out = save_hf_checkpoint(model, config, tmp_path / "export")
+    hf2 = HFModel.from_pretrained(out).eval()
+    ref_sd, new_sd = hf.state_dict(), hf2.state_dict()
+    assert set(ref_sd) == set(new_sd)
+    for key, value in ref_sd.items():
+        assert torch.equal(value, new_sd[key]), key
+    ids, mask, pv, grid = make_batch(CASES["batch_left_padding"])
+    np.testing.assert_array_equal(hf_logits(hf2, ids, mask, pv, grid), hf_logits(hf, ids, mask, pv, grid))
+    # and jdelta reads its own export back bit-exactly
+    again, config2 = load_hf_checkpoint(out)
+    assert config2 == config
+    for key, value in _params(model).items():
+        np.testing.assert_array_equal(_params(again)[key], value)
+
+
+def test_untied_random_jdelta_model_exports_and_matches(tmp_path):
+    """An untied lm_head, written by jdelta in several shards + index, loads in transformers."""
+    config = Qwen3VLConfig.from_hf_dict(tiny_hf_config(tie=False).to_dict())
+    model = Qwen3VLForConditionalGeneration(config, rngs=nnx.Rngs(3))
+    # scale the random weights up so logits are O(1)
+    state = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.tree.map(lambda x: x * 5.0 if x.ndim == 2 else x, state))
+    out = save_hf_checkpoint(model, config, tmp_path / "untied", max_shard_bytes=200_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1 and "lm_head.weight" in index["weight_map"]
+    hf = HFModel.from_pretrained(out).eval()
+    assert not hf.config.tie_word_embeddings
+    ids, mask, pv, grid = make_batch(CASES["two_images_different_sizes"])
+    logits, _, _ = jd_bucketed(model, ids, mask, pv, grid)
+    assert_parity(hf_logits(hf, ids, mask, pv, grid), logits, mask)
+
+
+def test_sharded_hf_checkpoint_and_bf16(ckpt, tmp_path):
+    hf, model, _, _ = ckpt
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    sharded, _ = load_hf_checkpoint(tmp_path / "sharded")
+    ref = _params(model)
+    for key, value in _params(sharded).items():
+        np.testing.assert_array_equal(value, ref[key])
+    half, config = load_hf_checkpoint(tmp_path / "sharded", dtype="bfloat16")
+    assert config.dtype == config.param_dtype == "bfloat16"
+    for key, value in _params(half).items():
+        assert value.dtype == jnp.bfloat16, key
+        np.testing.assert_array_equal(value, ref[key].astype(jnp.bfloat16))
+
+
+def _corrupt(src, dst, edit):
+    dst.mkdir()
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    tensors = load_file(src / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, dst / "model.safetensors")
+
+
+def test_mismatched_checkpoint_fails_with_clear_message(ckpt, tmp_path):
+    _, _, _, path = ckpt
+
+    def edit(t):
+        del t["model.language_model.layers.1.mlp.up_proj.weight"]
+        t["model.visual.blocks.0.attn.qkv.weight"] = torch.zeros(95, 32)
+        t["model.visual.blocks.7.attn.qkv.weight"] = torch.zeros(96, 32)
+
+    _corrupt(path, tmp_path / "bad", edit)
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_hf_checkpoint(tmp_path / "bad")
+    msg = str(err.value)
+    assert str(tmp_path / "bad") in msg
+    assert "missing keys (1):\n    model.language_model.layers.1.mlp.up_proj.weight" in msg
+    assert "unexpected keys (1):\n    model.visual.blocks.7.attn.qkv.weight" in msg
+    assert "model.visual.blocks.0.attn.qkv.weight: checkpoint (95, 32) vs expected (96, 32)" in msg
+
+    _corrupt(path, tmp_path / "missing_one", lambda t: t.pop("model.visual.pos_embed.weight"))
+    with pytest.raises(CheckpointMismatchError, match=r"missing keys \(1\):\n    model.visual.pos_embed.weight"):
+        load_hf_checkpoint(tmp_path / "missing_one")
+    with pytest.raises(FileNotFoundError, match="no Qwen3-VL config"):
+        load_hf_checkpoint(tmp_path)
+
+
+def test_mesh_fsdp4_tensor2_matches_single_device(ckpt):
+    hf, model, _, path = ckpt
+    mesh = make_mesh({"fsdp": 4, "tensor": 2})
+    sharded, _ = load_hf_checkpoint(path, mesh=mesh)
+    q = sharded.language_model.layers[0].self_attn.q_proj.kernel.get_value()
+    assert q.sharding.spec == P("fsdp", "tensor") and len(q.sharding.device_set) == 8
+    assert q.addressable_shards[0].data.shape == (16, 32)
+    emb = sharded.language_model.embed_tokens.get_value()
+    assert emb.sharding.spec == P("tensor", "fsdp")
+    for key, value in _params(sharded).items():
+        np.testing.assert_array_equal(value, _params(model)[key])
+    ids, mask, pv, grid = make_batch(CASES["batch_left_padding"])
+    single, _, _ = jd_bucketed(model, ids, mask, pv, grid)
+    multi, _, out = jd_bucketed(sharded, ids, mask, pv, grid)
+    assert len(out.logits.sharding.device_set) == 8
+    valid = mask.astype(bool)
+    diff = np.abs(multi[valid] - single[valid]).max()
+    print(f"8-device vs 1-device max|diff|={diff:.2e}")
+    assert diff <= 1e-5
+    assert_parity(hf_logits(hf, ids, mask, pv, grid), multi, mask)
