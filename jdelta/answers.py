@@ -17,7 +17,7 @@ invalid.
 
 Normalisation (:func:`normalize_answer`) by answer type (:data:`ANSWER_TYPES`):
 
-* ``"number"``: commas as thousands separators, currency symbols and codes, percent signs
+* ``"number"``: commas (or spaces) as thousands separators, currency symbols and codes, percent signs
   (``"45%"`` -> 45, the percent is dropped as ChartQA does), trailing units (``"12 kg"``), scale
   words (``"1.2 million"``), scientific notation (``1.5e3``, ``1.5 \\times 10^{3}``), negatives (also
   the Unicode minus and "minus five"), fractions (``3/4``, ``1 1/2``, ``\\frac{3}{4}``), and number
@@ -30,6 +30,11 @@ Normalisation (:func:`normalize_answer`) by answer type (:data:`ANSWER_TYPES`):
 * ``"auto"`` (default): number if the whole answer parses as one, else yes/no if it starts with
   yes/no, else a choice letter if written in an explicit choice form (``"(B)"``, ``"B."``, a lone
   capital ``"B"``, ``"option B"``), else text.
+
+With an explicit type, an answer that is a sentence rather than a bare value gets a second,
+lenient reading: ``"number"`` takes the last number written in digits ("the value for 2019 is
+45.2%" -> 45.2), ``"yes_no"`` a sentence containing exactly one of the words yes / no,
+``"choice"`` the last ``"(C)"`` or ``"option c"`` in it. ``"auto"`` has no such fallback.
 
 An answer that is empty, too long, or does not parse as the requested type is ``invalid``; all
 invalid answers of a prompt form one class (:data:`INVALID_LABEL`) and are counted, never dropped.
@@ -122,7 +127,7 @@ def _peel(ans: str) -> str:
     ans = ans.strip()
     while ans != prev:
         prev = ans
-        ans = ans.strip().strip("*").strip()
+        ans = ans.replace("**", "").strip().strip("*").strip()  # markdown bold is never content
         if len(ans) >= 2 and ans[0] == ans[-1] and ans[0] in "\"'`":
             ans = ans[1:-1].strip()
         if len(ans) >= 2 and ans.startswith("$") and ans.endswith("$"):
@@ -205,7 +210,8 @@ def _clean_numeric(text: str) -> str:
     s = s.strip().strip("$").strip()
     s = _APPROX.sub("", s)
     # Thousands separators: commas (and thin/narrow spaces) between digit groups of three.
-    s = re.sub(r"(?<=\d)[,\u2009\u202f](?=\d{3}(?!\d))", "", s)
+    s = s.replace("\u2044", "/")  # fraction slash, from NFKC of "½"
+    s = re.sub(r"(?<=\d)[, \u2009\u202f](?=\d{3}(?![\d/]))", "", s)
     s = _CURRENCY.sub("", s).strip()
     if s.startswith("-") or s.startswith("+"):
         s = s[0] + s[1:].strip()
@@ -261,10 +267,8 @@ def parse_number(text: str) -> float | None:
         return None
     m = _NUMBER_RE.match(s)
     if m:
-        value = float(m.group("mant"))
         exp = m.group("exp") or m.group("exp2")
-        if exp is not None:
-            value *= 10.0 ** int(exp)
+        value = float(m.group("mant") + (f"e{int(exp)}" if exp is not None else ""))  # 1e400 -> inf
         if m.group("scale"):
             value *= _SCALE_WORDS[m.group("scale").lower()]
         if m.group("suffix"):
@@ -303,7 +307,6 @@ _CHOICE_STRICT = (
 )
 _CHOICE_LOOSE = (
     re.compile(r"^([a-z])(?=$|[.):：,])"),  # "b", "b."
-    re.compile(r"^([A-Z])(?=\s)"),  # "B 42 apples"
 )
 _ARTICLES = re.compile(r"\b(?:a|an|the)\b")
 _PUNCT = set(string.punctuation) | {"“", "”", "‘", "’", "…", "–", "—", "。", "，", "：", "、"}
@@ -366,6 +369,20 @@ class Normalized:
         return str(self.value)
 
 
+_NUMBER_TOKEN = re.compile(r"(?<![\w.])[-+]?[$€£¥₹]?\d[\d,]*(?:\.\d+)?(?:\s*%)?(?![\w.]*\d)")
+_CHOICE_IN_SENTENCE = re.compile(r"[(\[]([A-Z])[)\]]|\b(?:option|choice)\s+([A-Za-z])\b", re.I)
+
+
+def _last_number_in_sentence(raw: str) -> float | None:
+    """The last number written with digits in a sentence ("the value for 2019 is 45.2%" -> 45.2)."""
+    found = _NUMBER_TOKEN.findall(unicodedata.normalize("NFKC", raw).replace("\u2212", "-"))
+    for token in reversed(found):
+        value = parse_number(token)
+        if value is not None and math.isfinite(value):
+            return float(value)
+    return None
+
+
 def normalize_answer(answer: str, answer_type: str = "auto") -> Normalized:
     """Normalises an *extracted* answer string by ``answer_type`` (see the module docstring)."""
     _check_type(answer_type)
@@ -379,18 +396,27 @@ def normalize_answer(answer: str, answer_type: str = "auto") -> Normalized:
         if num is not None and math.isfinite(num):
             return Normalized("number", float(num), raw)
         if answer_type == "number":
+            num = _last_number_in_sentence(raw)
+            if num is not None:
+                return Normalized("number", num, raw)
             return Normalized("invalid", "not_a_number", raw)
     if answer_type in ("yes_no", "auto"):
         yn = parse_yes_no(raw)
         if yn is not None and (answer_type == "yes_no" or re.match(r"^\W*(yes|no)\b", raw, re.I)):
             return Normalized("yes_no", yn, raw)
         if answer_type == "yes_no":
+            words = set(re.findall(r"[a-z]+", raw.lower())) & {"yes", "no"}
+            if len(words) == 1:  # a sentence that says exactly one of yes / no
+                return Normalized("yes_no", words.pop(), raw)
             return Normalized("invalid", "not_a_yes_no", raw)
     if answer_type in ("choice", "auto"):
         letter = parse_choice(raw, strict=answer_type == "auto")
         if letter is not None:
             return Normalized("choice", letter, raw)
         if answer_type == "choice":
+            found = _CHOICE_IN_SENTENCE.findall(raw)
+            if found:  # "the correct option is (C) because ..."
+                return Normalized("choice", next(g for g in found[-1] if g).upper(), raw)
             return Normalized("invalid", "not_a_choice", raw)
     text = normalize_text(raw)
     if not text:
