@@ -37,6 +37,8 @@ Zero-delta tests:
 * :func:`posterior_delta_exceeds`: the Bayesian reading, ``P(Δ_true > epsilon | counts)`` with
   independent symmetric ``Dirichlet(alpha)`` priors on the real classes, by Monte-Carlo.
 
+:func:`zero_delta_test` wraps the three behind one ``method=`` switch.
+
 Summaries (host side, NumPy): :func:`zero_delta_summary` gives the zero-delta fraction with a
 Wilson or Clopper-Pearson confidence interval, overall and per group (dataset, category).
 """
@@ -481,6 +483,74 @@ def posterior_delta_exceeds(
         raise ValueError(f"num_draws must be >= 1, got {num_draws}")
     t, s, m = _check_inputs(teacher_counts, student_counts, mask)
     return _posterior_jit(key, t, s, m, jnp.float32(epsilon), jnp.float32(alpha), metric, int(num_draws))
+
+
+ZERO_DELTA_METHODS: tuple[str, ...] = ("exact", "permutation", "posterior")
+
+
+class ZeroDeltaResult(NamedTuple):
+    """``zero``: ``[P]`` bool zero-delta flag; ``value``: ``[P]`` float32 evidence behind it (Δ for
+    ``"exact"``, the p-value for ``"permutation"``, ``P(Δ > epsilon)`` for ``"posterior"``);
+    ``valid``: ``[P]`` bool, False where a side has no samples (never flagged zero; count as skipped)."""
+
+    zero: jax.Array
+    value: jax.Array
+    valid: jax.Array
+
+
+def zero_delta_test(
+    teacher_counts: ArrayLike,
+    student_counts: ArrayLike,
+    mask: ArrayLike | None = None,
+    method: str = "exact",
+    key: jax.Array | None = None,
+    metric: str = "tv",
+    level: float = 0.05,
+    epsilon: float = 0.1,
+    max_posterior: float = 0.5,
+    num_samples: int = 999,
+    alpha: float = 0.5,
+) -> ZeroDeltaResult:
+    """One entry point for the zero-delta decision per prompt.
+
+    ``method``:
+
+    * ``"exact"``: zero iff the empirical distributions are identical (:func:`is_zero_delta`).
+    * ``"permutation"``: zero iff H0 (one answer distribution) is not rejected at ``level`` by
+      :func:`delta_permutation_pvalue` with ``num_samples`` permutations, i.e. ``p > level``.
+    * ``"posterior"``: zero iff ``P(Δ_true > epsilon) <= max_posterior`` under
+      :func:`posterior_delta_exceeds` with ``num_samples`` draws and ``Dirichlet(alpha)`` priors.
+
+    ``key`` (a ``jax.random`` key) is required by the two statistical methods.
+    """
+    if method not in ZERO_DELTA_METHODS:
+        raise ValueError(f"unknown zero-delta method {method!r}; expected one of {ZERO_DELTA_METHODS}")
+    if method != "exact" and key is None:
+        raise ValueError(f"zero-delta method {method!r} needs a jax.random key (key=...)")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if method == "exact":
+        value = answer_divergence(teacher_counts, student_counts, mask, metric=metric)
+        valid = ~jnp.isnan(value)
+        return ZeroDeltaResult(is_zero_delta(teacher_counts, student_counts, mask), value, valid)
+    if method == "permutation":
+        value = delta_permutation_pvalue(
+            key, teacher_counts, student_counts, mask, metric=metric, num_permutations=num_samples
+        )
+        valid = ~jnp.isnan(value)
+        return ZeroDeltaResult(valid & (value > level), value, valid)
+    value = posterior_delta_exceeds(
+        key,
+        teacher_counts,
+        student_counts,
+        mask,
+        epsilon=epsilon,
+        alpha=alpha,
+        metric=metric,
+        num_draws=num_samples,
+    )
+    valid = ~jnp.isnan(value)
+    return ZeroDeltaResult(valid & (value <= max_posterior), value, valid)
 
 
 # ----------------------------------------------------------------------------- summaries (host side)

@@ -234,6 +234,29 @@ def test_posterior_delta_exceeds_matches_numpy_monte_carlo():
         D.posterior_delta_exceeds(jax.random.key(0), t, s, alpha=0.0)
 
 
+def test_zero_delta_test_methods_agree_on_clear_cases():
+    # Shapes and sizes match the tests above so the jitted kernels are reused (no recompilation).
+    t = np.array([[8, 8], [16, 0], [0, 0], [12, 4], [10, 6]])
+    s = np.array([[8, 8], [0, 16], [4, 4], [4, 12], [10, 6]])
+    ex = D.zero_delta_test(t, s)
+    np.testing.assert_array_equal(np.asarray(ex.zero), [True, False, False, False, True])
+    np.testing.assert_array_equal(np.asarray(ex.valid), [True, True, False, True, True])
+    perm = D.zero_delta_test(t, s, method="permutation", key=jax.random.key(0), num_samples=3999)
+    np.testing.assert_array_equal(np.asarray(perm.zero), [True, False, False, False, True])
+    np.testing.assert_allclose(np.asarray(perm.value)[[0, 4]], 1.0)
+    big_t = np.array([[200, 200, 0], [400, 0, 0], [0, 0, 0], [300, 100, 0], [16, 0, 0]])
+    big_s = np.array([[200, 200, 0], [0, 400, 0], [3, 0, 0], [100, 300, 0], [16, 0, 0]])
+    mask = np.array([[1, 1, 0]] * 5, bool)
+    post = D.zero_delta_test(
+        big_t, big_s, mask, method="posterior", key=jax.random.key(0), num_samples=4000, epsilon=0.1
+    )
+    np.testing.assert_array_equal(np.asarray(post.zero), [True, False, False, False, True])
+    with pytest.raises(ValueError, match="needs a jax.random key"):
+        D.zero_delta_test(t, s, method="permutation")
+    with pytest.raises(ValueError, match="unknown zero-delta method 'bayes'"):
+        D.zero_delta_test(t, s, method="bayes")
+
+
 # ----------------------------------------------------------------------------- summaries
 
 
