@@ -281,10 +281,12 @@ def pad_batch(
     seq_len: int,
     num_patches: int | None = None,
     num_images: int | None = None,
+    num_rows: int | None = None,
     pad_id: int = 0,
 ) -> dict[str, np.ndarray]:
     """Left-pad ``input_ids``/``attention_mask [B, S]`` to ``seq_len``; zero-pad ``pixel_values``
-    rows to ``num_patches`` and ``image_grid_thw`` rows (``(0,0,0)``) to ``num_images``."""
+    rows to ``num_patches`` and ``image_grid_thw`` rows (``(0,0,0)``) to ``num_images``; add
+    all-padding rows up to ``num_rows`` (their outputs are to be dropped)."""
     ids = np.asarray(batch["input_ids"], np.int32)
     mask = np.asarray(batch["attention_mask"], np.int32)
     if ids.ndim != 2 or mask.shape != ids.shape:
@@ -292,6 +294,10 @@ def pad_batch(
     b, s = ids.shape
     if s > seq_len:
         raise ValueError(f"prompt length {s} exceeds the padded length {seq_len}")
+    if num_rows is not None and num_rows > b:
+        ids = np.concatenate([ids, np.full((num_rows - b, s), pad_id, np.int32)])
+        mask = np.concatenate([mask, np.zeros((num_rows - b, s), np.int32)])
+        b = num_rows
     out = {
         "input_ids": np.concatenate([np.full((b, seq_len - s), pad_id, np.int32), ids], axis=1),
         "attention_mask": np.concatenate([np.zeros((b, seq_len - s), np.int32), mask], axis=1),
@@ -310,6 +316,8 @@ def pad_batch(
 
 
 def _default_rope_index(model: nnx.Module) -> Callable[..., tuple[np.ndarray, np.ndarray]]:
+    if hasattr(model, "get_rope_index"):
+        return model.get_rope_index
     from jdelta.models.qwen3_vl import get_rope_index
 
     config = model.config
@@ -321,9 +329,9 @@ def _default_rope_index(model: nnx.Module) -> Callable[..., tuple[np.ndarray, np
 
 
 def _config_attr(model: nnx.Module, name: str) -> int | None:
-    """``model.config.text_config.<name>`` or ``model.config.<name>``, if present."""
+    """``model.config.text.<name>`` (or ``.text_config``) or ``model.config.<name>``, if present."""
     cfg = getattr(model, "config", None)
-    for c in (getattr(cfg, "text_config", None), cfg):
+    for c in (getattr(cfg, "text", None), getattr(cfg, "text_config", None), cfg):
         v = getattr(c, name, None)
         if v is not None:
             return int(v)
@@ -397,6 +405,7 @@ def decode(
     temperature: jax.Array,
     top_p: jax.Array,
     stop_ids: jax.Array,
+    live_rows: jax.Array,
     *,
     params: SamplingParams,
     pad_id: int = 0,
@@ -414,6 +423,7 @@ def decode(
       rng: one key for the call; row ``r`` step ``t`` uses ``fold_in(fold_in(rng, r), t)``.
       temperature, top_p: scalars (traced, so changing them does not recompile).
       stop_ids: ``[K] int32`` stop token ids (``-1`` entries never match).
+      live_rows: ``[R] bool``; False for batch-padding rows (finished from the start).
       params: static structure: greedy or not, ``top_k``, top-p on/off, ``max_new_tokens``.
     Iteration ``t`` samples token ``t`` from the current logits, records it, and (unless
     every row has finished) feeds it through the model for the next logits.
@@ -460,7 +470,7 @@ def decode(
         jnp.zeros((rows, max_new), jnp.float32),
         jnp.zeros((rows, max_new), jnp.float32),
         jnp.zeros((rows,), jnp.int32),
-        jnp.zeros((rows,), bool),
+        ~live_rows,
     )
     t, cache, _, tokens, lps, raw_lps, lengths, finished = jax.lax.while_loop(cond, body, init)
     return DecodeOutput(tokens, lps, raw_lps, lengths, finished, t, cache)
@@ -483,6 +493,8 @@ class Sampler:
         -> (position_ids [3,B,S], rope_deltas [B])`` in NumPy; default: Qwen3-VL's
         ``get_rope_index`` with ``model.config``.
       seq_buckets / patch_buckets / image_buckets: padded shapes (see :func:`bucket`).
+      batch_buckets: if given, the prompt batch is padded with all-padding rows up to a
+        bucket too (e.g. a last partial batch); their outputs are dropped.
       pad_id: token written after a row's end and used for left padding.
 
     The model's current parameters are read at every call (``nnx.split``), so a model being
@@ -499,6 +511,7 @@ class Sampler:
         seq_buckets: Sequence[int] = DEFAULT_SEQ_BUCKETS,
         patch_buckets: Sequence[int] = DEFAULT_PATCH_BUCKETS,
         image_buckets: Sequence[int] = DEFAULT_IMAGE_BUCKETS,
+        batch_buckets: Sequence[int] | None = None,
         pad_id: int = 0,
     ):
         self.model = model
@@ -508,6 +521,7 @@ class Sampler:
         self.seq_buckets = tuple(seq_buckets)
         self.patch_buckets = tuple(patch_buckets)
         self.image_buckets = tuple(image_buckets)
+        self.batch_buckets = None if batch_buckets is None else tuple(batch_buckets)
         self.pad_id = int(pad_id)
         self.vocab_size = _vocab_size(model)
         self._shapes_seen: set[tuple] = set()
@@ -546,6 +560,8 @@ class Sampler:
         s = bucket(ids.shape[1], self.seq_buckets)
         pv = batch.get("pixel_values")
         kwargs: dict[str, Any] = {"seq_len": s, "pad_id": self.pad_id}
+        if self.batch_buckets is not None:
+            kwargs["num_rows"] = bucket(ids.shape[0], self.batch_buckets)
         if pv is not None:
             kwargs["num_patches"] = bucket(np.asarray(pv).shape[0], self.patch_buckets)
             kwargs["num_images"] = bucket(np.asarray(batch["image_grid_thw"]).reshape(-1, 3).shape[0],
@@ -604,30 +620,33 @@ class Sampler:
             stop_token_ids=(), n=1)
         stops = np.full((bucket(max(1, len(params.stop_token_ids)), (4, 16, 64)),), -1, np.int32)
         stops[: len(params.stop_token_ids)] = params.stop_token_ids
+        keep = mask.shape[0] * params.n  # the outputs of batch-padding rows are dropped
+        live = self._put(np.arange(b * params.n) < keep, ("batch",))
         out = self._decode(graphdef, state, cache, logits, deltas, rng, jnp.float32(params.temperature or 1.0),
-                           jnp.float32(params.top_p), jnp.asarray(stops), params=structure, pad_id=self.pad_id)
-        tokens = np.asarray(out.tokens)
+                           jnp.float32(params.top_p), jnp.asarray(stops), live, params=structure, pad_id=self.pad_id)
+        tokens = np.asarray(out.tokens)[:keep]
         t2 = time.perf_counter()
         compiled = self.compile_count - before
         if compiled:
             self.compile_seconds += (t2 - t0)  # includes one run; the benchmark separates them
 
-        lengths = np.asarray(out.lengths)
-        stopped = np.asarray(out.stopped)
-        rows = b * params.n
+        lengths = np.asarray(out.lengths)[:keep]
+        stopped = np.asarray(out.stopped)[:keep]
+        b_real = mask.shape[0]
         return GenerationResult(
             tokens=tokens,
-            logprobs=np.asarray(out.logprobs),
-            raw_logprobs=np.asarray(out.raw_logprobs),
+            logprobs=np.asarray(out.logprobs)[:keep],
+            raw_logprobs=np.asarray(out.raw_logprobs)[:keep],
             lengths=lengths,
             finish_reason=["stop" if x else "length" for x in stopped],
-            prompt_index=np.repeat(np.arange(b, dtype=np.int32), params.n),
-            sample_index=np.tile(np.arange(params.n, dtype=np.int32), b),
+            prompt_index=np.repeat(np.arange(b_real, dtype=np.int32), params.n),
+            sample_index=np.tile(np.arange(params.n, dtype=np.int32), b_real),
             stats={
                 "prefill_s": t1 - t0,
                 "decode_s": t2 - t1,
                 "decode_steps": int(out.steps),
-                "rows": rows,
+                "rows": keep,
+                "padded_rows": b * params.n,
                 "padded_prompt_len": s,
                 "prompt_tokens": int(mask.sum()),
                 "new_tokens": int(lengths.sum()),
