@@ -23,8 +23,8 @@ Metrics (``metric=`` argument; :data:`METRICS`):
 * ``"kl_ts"`` / ``"kl_st"``: KL(teacher || student) / KL(student || teacher) in nats, after
   additive (Lidstone) smoothing ``(counts + smoothing) / (n + smoothing * C_real)`` over the real
   classes of the prompt, so it stays finite when one model never produced a class. Not symmetric,
-  unbounded above, and not zero for equal counts unless the smoothed distributions are equal (they
-  are when the counts are equal and both sides have the same n).
+  unbounded above; zero for equal counts, but (because of the smoothing) slightly positive for
+  equal proportions at different n.
 
 Zero-delta tests:
 
@@ -254,8 +254,8 @@ def is_zero_delta(
 ) -> jax.Array:
     """Exact zero-delta flag: True where teacher and student empirical distributions are identical.
 
-    Works with different sample counts per side (compares ``t * n_s == s * n_t``). Prompts with no
-    samples on a side are False (use :func:`answer_divergence`'s NaN to tell them apart).
+    Works with different sample counts per side (compares ``t * n_s == s * n_t``); float counts are
+    rounded to integers first. Prompts with no samples on a side are False (use :func:`answer_divergence`'s NaN to tell them apart).
 
     Returns:
       ``[P]`` bool.
