@@ -15,6 +15,7 @@ precision and how much arithmetic the question needs.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -116,6 +117,7 @@ def format_number(x: float, decimals: int = 1) -> str:
     return f"{x:.{decimals}f}"
 
 
+@functools.lru_cache(maxsize=32)
 def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 

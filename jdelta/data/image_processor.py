@@ -152,7 +152,7 @@ def _array_to_rgb(array: np.ndarray) -> np.ndarray:
 
 
 def patchify(image: np.ndarray, *, patch_size: int, merge_size: int, temporal_patch_size: int) -> np.ndarray:
-    """``[C, H, W]`` float32 -> ``[(H/P)*(W/P), C*T*P*P]`` rows, merge windows contiguous.
+    """``[C, H, W]`` -> ``[(H/P)*(W/P), C*T*P*P]`` rows (same dtype), merge windows contiguous.
 
     Row order: (merge-row, merge-col, row-in-window, col-in-window); within a row the layout is
     (channel, time, patch-row, patch-col), the single frame repeated ``temporal_patch_size`` times.
@@ -183,8 +183,7 @@ def process_image(
     naming ``record``.
     """
     if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim not in (2, 3):
-            decode_image(image, record=record)  # raises with the reason
+        decode_image(image, record=record)  # validates dtype and shape, raising with the reason
         rgb = _array_to_rgb(image)
     else:
         rgb = np.asarray(to_rgb(decode_image(image, record=record)))
@@ -199,15 +198,27 @@ def process_image(
     except ValueError as e:
         raise ImageError(record, str(e)) from e
     resized = np.asarray(Image.fromarray(rgb).resize((new_w, new_h), resample=Image.Resampling.BICUBIC))
-    # Same rounding as transformers: uint8 -> float64 * 1/255 -> float32, then (x - mean) / std in float32.
-    scaled = (resized.astype(np.float64) * (1 / 255)).astype(np.float32)
-    mean = np.asarray(IMAGE_MEAN, np.float32)
-    std = np.asarray(IMAGE_STD, np.float32)
-    normalised = ((scaled - mean) / std).transpose(2, 0, 1)  # [3, H, W]
-    pixel_values = patchify(
-        normalised, patch_size=patch_size, merge_size=merge_size, temporal_patch_size=temporal_patch_size
+    # Patchify the uint8 pixels (cheap copies), then map each byte through a 256-entry table of
+    # normalised values: elementwise the same float32 arithmetic as transformers.
+    patches = patchify(
+        resized.transpose(2, 0, 1),
+        patch_size=patch_size,
+        merge_size=merge_size,
+        temporal_patch_size=temporal_patch_size,
     )
-    return pixel_values, (1, new_h // patch_size, new_w // patch_size)
+    return _NORMALISE_LUT[patches], (1, new_h // patch_size, new_w // patch_size)
+
+
+def _normalise_table() -> np.ndarray:
+    """``[256, ]`` float32: uint8 -> float64 * 1/255 -> float32, then (x - mean) / std in float32
+    (transformers' rounding; mean and std are the same for the three channels)."""
+    if len(set(IMAGE_MEAN)) != 1 or len(set(IMAGE_STD)) != 1:
+        raise ValueError("the lookup-table normalisation needs one mean and one std for all channels")
+    scaled = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
+    return (scaled - np.float32(IMAGE_MEAN[0])) / np.float32(IMAGE_STD[0])
+
+
+_NORMALISE_LUT = _normalise_table()
 
 
 def process_images(

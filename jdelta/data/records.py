@@ -30,9 +30,10 @@ ANSWER_TYPES = ("number", "text", "yes_no", "choice")
 class RecordError(ValueError):
     """A record that cannot be used; the message names it (id, or file and line) and the problem."""
 
-    def __init__(self, where: str, problem: str):
+    def __init__(self, where: str, problem: str, reason: str = "invalid_record"):
         self.where = where
         self.problem = problem
+        self.reason = reason  # short key used when the pipeline counts skipped records
         super().__init__(f"{where}: {problem}")
 
 
@@ -71,7 +72,7 @@ class PromptRecord:
         """Raise :class:`RecordError` naming the record if a field is unusable."""
         where = where or f"record {self.id!r}"
         if not isinstance(self.question, str) or not self.question.strip():
-            raise RecordError(where, "empty question")
+            raise RecordError(where, "empty question", "empty_question")
         if self.answer_type not in ANSWER_TYPES:
             raise RecordError(where, f"answer_type {self.answer_type!r} is not one of {ANSWER_TYPES}")
         for i, im in enumerate(self.images):
@@ -87,7 +88,9 @@ class PromptRecord:
         try:
             return Path(im).read_bytes()
         except OSError as e:
-            raise RecordError(f"record {self.id!r}", f"cannot read image {index} at {im}: {e}") from e
+            raise RecordError(
+                f"record {self.id!r}", f"cannot read image {index} at {im}: {e}", "missing_image"
+            ) from e
 
     def to_json(self, *, image_dir: str | os.PathLike | None = None) -> dict:
         """JSON-ready dict. Bytes images become base64 unless ``image_dir`` is given, in which case
@@ -125,14 +128,14 @@ class PromptRecord:
             try:
                 d = json.loads(d)
             except json.JSONDecodeError as e:
-                raise RecordError(where, f"invalid JSON: {e}") from e
+                raise RecordError(where, f"invalid JSON: {e}", "invalid_json") from e
         if not isinstance(d, dict):
             raise RecordError(where, f"expected a JSON object, got {type(d).__name__}")
         if "id" in d:
             where = f"{where} (id {d['id']!r})" if where != "record" else f"record {d['id']!r}"
         for name in ("id", "question", "images"):
             if name not in d or d[name] is None:
-                raise RecordError(where, f"missing field {name!r}")
+                raise RecordError(where, f"missing field {name!r}", "missing_field")
         images: list[bytes | str] = []
         for i, im in enumerate(d["images"]):
             if isinstance(im, str):
@@ -378,7 +381,7 @@ def _first(v: Any) -> tuple[str, list[str]]:
 
 def _need(d: dict, key: str, where: str) -> Any:
     if key not in d or d[key] is None:
-        raise RecordError(where, f"missing field {key!r} (fields: {sorted(d)})")
+        raise RecordError(where, f"missing field {key!r} (fields: {sorted(d)})", "missing_field")
     return d[key]
 
 

@@ -1,0 +1,446 @@
+"""Grain pipelines from prompt records to padded, statically shaped model batches.
+
+``prompt_dataset`` is a ``grain.MapDataset`` of processed examples (random access, lazily
+computed): source -> seeded shuffle -> per-process shard -> repeat -> parse record -> decode
+and process images -> tokenise the chat prompt. ``make_prompt_batches`` turns it into a
+checkpointable iterator of batches whose shapes come from a few buckets, so jitted consumers
+compile a handful of programs:
+
+- ``input_ids [B, S]`` int32, LEFT-padded with the pad id (``S`` from ``seq_buckets``)
+- ``attention_mask [B, S]`` int32, ``mm_token_type_ids [B, S]`` int32 (1 at image tokens)
+- ``pixel_values [P, 3*T*p*p]`` float32, all images of the batch in row order, zero rows padded
+  (``P`` from ``patch_buckets``); ``image_grid_thw [N, 3]`` int32, ``(0, 0, 0)`` rows padded
+- ``record_index [B]`` int64 (index in the source; -1 on padding rows of a short final batch)
+- ``ids``, ``answers``, ``answer_types``, ``families`` ``[B]`` object arrays ("" / None on padding rows)
+- optional ``teacher_input_ids`` / ``teacher_attention_mask`` / ``teacher_mm_token_type_ids``
+  (the prompt with the record's ``[Hint]`` cue, ViCuR) and ``pixel_values_pixelated`` (VA-OPD).
+
+Records that fail (unreadable, bad image, empty or over-long question, prompt longer than the
+largest bucket) are counted by reason in a :class:`SkipReport` kept in the iterator's state,
+or raise when ``on_error="raise"``. Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import grain
+import numpy as np
+
+from jdelta.data.chat import build_prompt
+from jdelta.data.image_processor import ImageConfig, ImageError, decode_image, pixelate, process_images
+from jdelta.data.records import RecordError
+from jdelta.data.tokenizer import SpecialTokens, load_tokenizer
+
+SKIP_KEY = "_skip"
+MAX_EXAMPLES_PER_REASON = 5
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Settings of the prompt pipeline (all plain values, so it sits in a YAML config)."""
+
+    batch_size: int = 8
+    seq_buckets: tuple[int, ...] = (128, 256, 512, 1024, 2048, 4096, 8192)
+    # Rows of ``pixel_values`` per batch; a batch needing more rounds up to a multiple of the largest.
+    patch_buckets: tuple[int, ...] = (512, 1024, 2048, 4096, 8192, 16384, 32768)
+    # Rows of ``image_grid_thw`` per batch (same rounding rule).
+    image_buckets: tuple[int, ...] = (8, 16, 32, 64)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    system: str | None = None
+    enable_thinking: bool | None = None
+    with_hint: bool = False  # also emit the teacher prompt carrying the record's cue hint
+    with_pixelated: bool = False  # also emit VA-OPD's pixelated view of every image
+    max_question_chars: int = 8192
+    on_error: str = "skip"  # "skip": count by reason and go on; "raise": stop at the first bad record
+    drop_remainder: bool = False  # else the short final batch is padded to batch_size rows
+    num_epochs: int | None = 1  # None: repeat forever
+    worker_count: int = 0  # grain worker processes for decode/process/tokenise (0: in-process)
+    worker_buffer_size: int = 2
+
+    def __post_init__(self):
+        if self.on_error not in ("skip", "raise"):
+            raise ValueError(f"on_error must be 'skip' or 'raise', got {self.on_error!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        for name in ("seq_buckets", "patch_buckets", "image_buckets"):
+            b = getattr(self, name)
+            if not b or list(b) != sorted(set(b)) or b[0] < 1:
+                raise ValueError(f"{name} must be increasing positive integers, got {b!r}")
+        if self.worker_count < 0:
+            raise ValueError(f"worker_count must be >= 0, got {self.worker_count}")
+
+
+@dataclass
+class SkipReport:
+    """Records left out, counted by reason, with the first few messages of each reason."""
+
+    counts: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, reason: str, message: str) -> None:
+        self.counts[reason] += 1
+        ex = self.examples.setdefault(reason, [])
+        if len(ex) < MAX_EXAMPLES_PER_REASON:
+            ex.append(message)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def as_dict(self) -> dict:
+        return {"counts": dict(self.counts), "examples": {k: list(v) for k, v in self.examples.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SkipReport:
+        return cls(Counter(d.get("counts", {})), {k: list(v) for k, v in d.get("examples", {}).items()})
+
+    def summary(self) -> str:
+        if not self.total:
+            return "no records skipped"
+        lines = [f"{self.total} records skipped:"]
+        for reason, n in self.counts.most_common():
+            lines.append(f"  {reason}: {n} (e.g. {self.examples[reason][0]})")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- per record
+
+
+def _skip(reason: str, message: str) -> dict:
+    return {SKIP_KEY: reason, "message": message}
+
+
+class ProcessRecord:
+    """``(source index, raw item) -> example dict`` (or a skip marker). Picklable for grain workers."""
+
+    def __init__(self, source, tokenizer, config: PipelineConfig):
+        self.source = source
+        self.tokenizer = tokenizer
+        self.config = config
+        self.special = SpecialTokens.from_tokenizer(tokenizer)
+
+    def __call__(self, item: tuple[int, Any]) -> dict:
+        index, raw = item
+        cfg = self.config
+        try:
+            return self._process(index, raw)
+        except (RecordError, ImageError) as e:
+            if cfg.on_error == "raise":
+                raise
+            return _skip("bad_image" if isinstance(e, ImageError) else e.reason, str(e))
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            if cfg.on_error == "raise":
+                raise RecordError(f"source index {index}", f"{type(e).__name__}: {e}") from e
+            return _skip("processing_error", f"source index {index}: {type(e).__name__}: {e}")
+
+    def _fail(self, where: str, reason: str, problem: str) -> dict:
+        if self.config.on_error == "raise":
+            raise RecordError(where, problem, reason)
+        return _skip(reason, f"{where}: {problem}")
+
+    def _process(self, index: int, raw: Any) -> dict:
+        cfg = self.config
+        rec = self.source.to_record(raw, index)
+        where = f"record {rec.id!r}"
+        if len(rec.question) > cfg.max_question_chars:
+            return self._fail(
+                where,
+                "question_too_long",
+                f"question has {len(rec.question)} chars > {cfg.max_question_chars}",
+            )
+        pil_images = [decode_image(rec.image_bytes(i), record=rec.id) for i in range(len(rec.images))]
+        pixel_values, grids = process_images(pil_images, config=cfg.image, record=rec.id)
+        grid_list = [tuple(int(v) for v in g) for g in grids]
+        prompt = build_prompt(
+            self.tokenizer,
+            rec.question,
+            grid_list,
+            system=cfg.system,
+            merge_size=cfg.image.merge_size,
+            enable_thinking=cfg.enable_thinking,
+            special=self.special,
+        )
+        if len(prompt) > cfg.seq_buckets[-1]:
+            return self._fail(
+                where, "prompt_too_long", f"prompt has {len(prompt)} tokens > {cfg.seq_buckets[-1]}"
+            )
+        ex = {
+            "input_ids": prompt.input_ids,
+            "mm_token_type_ids": prompt.mm_token_type_ids,
+            "pixel_values": pixel_values,
+            "image_grid_thw": grids,
+            "record_index": index,
+            "id": rec.id,
+            "answer": rec.answer,
+            "answer_type": rec.answer_type,
+            "family": rec.family,
+        }
+        if cfg.with_hint:
+            hint = rec.cues.hint if rec.cues is not None and rec.cues.hint else None
+            teacher = build_prompt(
+                self.tokenizer,
+                rec.question,
+                grid_list,
+                system=cfg.system,
+                merge_size=cfg.image.merge_size,
+                enable_thinking=cfg.enable_thinking,
+                hint=hint,
+                special=self.special,
+            )
+            if len(teacher) > cfg.seq_buckets[-1]:
+                return self._fail(
+                    where,
+                    "prompt_too_long",
+                    f"hinted prompt has {len(teacher)} tokens > {cfg.seq_buckets[-1]}",
+                )
+            ex["teacher_input_ids"] = teacher.input_ids
+            ex["teacher_mm_token_type_ids"] = teacher.mm_token_type_ids
+        if cfg.with_pixelated:
+            ex["pixel_values_pixelated"], _ = process_images(
+                [pixelate(im) for im in pil_images], config=cfg.image
+            )
+        return ex
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def _bucket(n: int, buckets: Sequence[int]) -> int:
+    """Smallest bucket >= n; beyond the largest, the next multiple of the largest."""
+    for b in buckets:
+        if n <= b:
+            return b
+    return -(-n // buckets[-1]) * buckets[-1]
+
+
+def _left_pad(seqs: Sequence[np.ndarray], rows: int, length: int, value: int) -> np.ndarray:
+    out = np.full((rows, length), value, dtype=np.int32)
+    for i, s in enumerate(seqs):
+        out[i, length - len(s) :] = s
+    return out
+
+
+def collate(examples: Sequence[dict], config: PipelineConfig, pad_id: int) -> dict[str, np.ndarray]:
+    """Pad ``examples`` (at most ``batch_size``) into one statically shaped batch (see module doc)."""
+    b = config.batch_size
+    seq_len = _bucket(max(len(e["input_ids"]) for e in examples), config.seq_buckets)
+    patches = sum(len(e["pixel_values"]) for e in examples)
+    n_images = sum(len(e["image_grid_thw"]) for e in examples)
+    p_rows = _bucket(max(patches, 1), config.patch_buckets)
+    n_rows = _bucket(max(n_images, 1), config.image_buckets)
+    dim = config.image.patch_dim
+
+    def pixels(key: str) -> np.ndarray:
+        out = np.empty((p_rows, dim), np.float32)
+        row = 0
+        for e in examples:
+            out[row : row + len(e[key])] = e[key]
+            row += len(e[key])
+        out[row:] = 0.0
+        return out
+
+    grid = np.zeros((n_rows, 3), np.int32)
+    if n_images:
+        grid[:n_images] = np.concatenate([e["image_grid_thw"] for e in examples], axis=0)
+    ids = [e["input_ids"] for e in examples]
+    attention = _left_pad([np.ones(len(s), np.int32) for s in ids], b, seq_len, 0)
+    obj = lambda key, fill: np.array([e[key] for e in examples] + [fill] * (b - len(examples)), dtype=object)
+    batch = {
+        "input_ids": _left_pad(ids, b, seq_len, pad_id),
+        "attention_mask": attention,
+        "mm_token_type_ids": _left_pad([e["mm_token_type_ids"] for e in examples], b, seq_len, 0),
+        "pixel_values": pixels("pixel_values"),
+        "image_grid_thw": grid,
+        "record_index": np.array(
+            [e["record_index"] for e in examples] + [-1] * (b - len(examples)), np.int64
+        ),
+        "ids": obj("id", ""),
+        "answers": obj("answer", None),
+        "answer_types": obj("answer_type", ""),
+        "families": obj("family", ""),
+    }
+    if config.with_hint:
+        t_ids = [e["teacher_input_ids"] for e in examples]
+        t_len = _bucket(max(len(s) for s in t_ids), config.seq_buckets)
+        batch["teacher_input_ids"] = _left_pad(t_ids, b, t_len, pad_id)
+        batch["teacher_attention_mask"] = _left_pad([np.ones(len(s), np.int32) for s in t_ids], b, t_len, 0)
+        batch["teacher_mm_token_type_ids"] = _left_pad(
+            [e["teacher_mm_token_type_ids"] for e in examples], b, t_len, 0
+        )
+    if config.with_pixelated:
+        batch["pixel_values_pixelated"] = pixels("pixel_values_pixelated")
+    return batch
+
+
+class PromptBatchIterator(grain.DatasetIterator):
+    """Batches of processed examples; skip markers are counted, never batched.
+
+    Its state (``get_state``/``set_state``, a JSON-able dict) holds the parent grain iterator's
+    position and the skip counts, so ``grain.checkpoint`` / Orbax restore both.
+    """
+
+    def __init__(self, parent: grain.DatasetIterator, config: PipelineConfig, pad_id: int):
+        super().__init__(parent)
+        self._config = config
+        self._pad_id = pad_id
+        self.skip_report = SkipReport()
+        self.batches = 0
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        examples: list[dict] = []
+        while len(examples) < self._config.batch_size:
+            try:
+                ex = next(self._parent)
+            except StopIteration:
+                break
+            if SKIP_KEY in ex:
+                self.skip_report.add(ex[SKIP_KEY], ex["message"])
+            else:
+                examples.append(ex)
+        if not examples or (self._config.drop_remainder and len(examples) < self._config.batch_size):
+            raise StopIteration
+        self.batches += 1
+        return collate(examples, self._config, self._pad_id)
+
+    def get_state(self) -> dict:
+        return {
+            "parent": self._parent.get_state(),
+            "skips": self.skip_report.as_dict(),
+            "batches": self.batches,
+        }
+
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(state["parent"])
+        self.skip_report = SkipReport.from_dict(state["skips"])
+        self.batches = int(state["batches"])
+
+    def __str__(self) -> str:
+        return f"PromptBatchIterator(batch_size={self._config.batch_size})"
+
+
+class PromptBatchDataset(grain.IterDataset):
+    """``IterDataset`` of padded batches over an ``IterDataset`` of examples / skip markers."""
+
+    def __init__(self, parent: grain.IterDataset, config: PipelineConfig, pad_id: int):
+        super().__init__(parent)
+        self._config = config
+        self._pad_id = pad_id
+
+    def __iter__(self) -> PromptBatchIterator:
+        return PromptBatchIterator(self._parent.__iter__(), self._config, self._pad_id)
+
+    def __str__(self) -> str:
+        return f"PromptBatchDataset(batch_size={self._config.batch_size})"
+
+
+# ----------------------------------------------------------------------------- public entry points
+
+
+def _as_tokenizer(tokenizer):
+    return load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+
+
+def prompt_dataset(
+    source,
+    *,
+    tokenizer,
+    seed: int = 0,
+    shuffle: bool = True,
+    config: PipelineConfig | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.MapDataset:
+    """Random-access dataset of processed examples (dicts, or skip markers with ``"_skip"``).
+
+    source: anything with ``__len__``, ``__getitem__`` and ``to_record(raw, index)`` (see
+    ``jdelta.data.records``). The shuffle is seeded (a fresh permutation per epoch); each
+    process keeps every ``process_count``-th element from ``process_index`` (default: JAX's).
+    """
+    cfg = config or PipelineConfig()
+    tok = _as_tokenizer(tokenizer)
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index, process_count = jax.process_index(), jax.process_count()
+    if len(source) == 0:
+        raise ValueError(f"{source!r} is empty")
+    ds = grain.MapDataset.source(source).map_with_index(lambda i, raw: (i, raw))
+    if cfg.num_epochs != 1:
+        ds = ds.repeat(cfg.num_epochs)
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    if process_count > 1:
+        ds = ds[process_index::process_count]
+    return ds.map(ProcessRecord(source, tok, cfg))
+
+
+def make_prompt_batches(
+    source,
+    *,
+    tokenizer,
+    seed: int = 0,
+    shuffle: bool = True,
+    config: PipelineConfig | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> PromptBatchIterator:
+    """Checkpointable iterator of padded batches (see module doc). ``it.skip_report`` counts the
+    records left out so far; ``it.get_state()`` / ``it.set_state()`` resume exactly."""
+    cfg = config or PipelineConfig()
+    tok = _as_tokenizer(tokenizer)
+    examples = prompt_dataset(
+        source,
+        tokenizer=tok,
+        seed=seed,
+        shuffle=shuffle,
+        config=cfg,
+        process_index=process_index,
+        process_count=process_count,
+    ).to_iter_dataset()
+    if cfg.worker_count > 0:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags (defaults suffice)
+            flags.FLAGS.mark_as_parsed()
+        examples = examples.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer_size
+            )
+        )
+    return iter(PromptBatchDataset(examples, cfg, SpecialTokens.from_tokenizer(tok).pad))
+
+
+def config_from_dict(d: dict) -> PipelineConfig:
+    """``PipelineConfig`` from a plain (YAML) dict; unknown keys raise naming them."""
+    d = dict(d)
+    known = set(PipelineConfig.__dataclass_fields__)
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown pipeline config keys {unknown}; known: {sorted(known)}")
+    if "image" in d and isinstance(d["image"], dict):
+        d["image"] = ImageConfig(**d["image"])
+    for k in ("seq_buckets", "patch_buckets", "image_buckets"):
+        if k in d:
+            d[k] = tuple(int(v) for v in d[k])
+    return PipelineConfig(**d)
+
+
+def config_to_dict(config: PipelineConfig) -> dict:
+    return asdict(config)
+
+
+__all__ = [
+    "PipelineConfig",
+    "PromptBatchIterator",
+    "SkipReport",
+    "collate",
+    "config_from_dict",
+    "make_prompt_batches",
+    "prompt_dataset",
+]
