@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from jdelta.models.layers import Dense, mrope_cos_sin
+from jdelta.models.layers import Dense, KeyGen, mrope_cos_sin
 from jdelta.models.qwen3_vl.config import Qwen3VLConfig
 from jdelta.models.qwen3_vl.positions import get_rope_index
 from jdelta.models.qwen3_vl.text import LayerHook, Qwen3VLTextModel
@@ -70,6 +70,7 @@ class Qwen3VLForConditionalGeneration(nnx.Module):
     def __init__(self, config: Qwen3VLConfig, *, rngs: nnx.Rngs):
         self.config = config
         dtype, pdtype = _dtype(config.dtype), _dtype(config.param_dtype)
+        rngs = KeyGen(rngs)
         self.visual = Qwen3VLVisionModel(config.vision, dtype=dtype, param_dtype=pdtype,
                                          attention_impl=config.attention_impl, rngs=rngs)
         self.language_model = Qwen3VLTextModel(config.text, dtype=dtype, param_dtype=pdtype,
