@@ -80,7 +80,7 @@ def masked_log_probs(
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    x = logits.astype(jnp.float32)
+    x = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # bf16 -> f32; f64 stays f64
     if temperature != 1.0:
         x = x / temperature
     if vocab_size is None or vocab_size == x.shape[-1]:
