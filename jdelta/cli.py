@@ -15,6 +15,7 @@ import sys
 # stage name -> (module, one-line help). Stages register here.
 STAGES: dict[str, tuple[str, str]] = {
     "model-info": ("jdelta.models.qwen3_vl.info", "parameter counts and shapes of a Qwen3-VL config"),
+    "make-seeds": ("jdelta.data.make_seeds", "generate chart/table/receipt questions with exact answers"),
 }
 
 
