@@ -1,3 +1,4 @@
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -5,6 +6,7 @@ from jdelta.distill.rollout import (
     build_sequences,
     first_stop_lengths,
     flatten_vision,
+    images_per_row,
     repeat_prompts,
     stack_vision,
 )
@@ -43,5 +45,18 @@ def test_vision_stack_roundtrip():
     fpv, fgrid = flatten_vision(spv, sgrid)
     np.testing.assert_array_equal(fpv, pv)
     np.testing.assert_array_equal(fgrid, grid)
-    with pytest.raises(ValueError, match="different patch counts"):
-        stack_vision(np.zeros((12, 3)), np.array([[1, 2, 2], [1, 2, 4]]))
+    # different image sizes, batch padding rows (zero grid row, extra pixel rows), two images in row 0
+    grid = np.array([[1, 2, 2], [1, 2, 4], [1, 2, 2], [0, 0, 0]])
+    pv = np.arange(20 * 3, dtype=np.float32).reshape(20, 3)
+    spv, sgrid = stack_vision(pv, grid, images_per_sample=[2, 1])
+    assert spv.shape == (2, 12, 3) and sgrid.shape == (2, 2, 3)
+    assert sgrid[1].tolist() == [[1, 2, 2], [0, 0, 0]]
+    fpv, fgrid = flatten_vision(spv, sgrid)
+    np.testing.assert_array_equal(fpv[:16], pv[:16])
+    assert not fpv[16:].any()
+    jpv, _ = flatten_vision(jnp.asarray(spv), jnp.asarray(sgrid))
+    np.testing.assert_array_equal(np.asarray(jpv), fpv)
+    ids = np.array([[0, 9, 9, 5, 9], [9, 9, 5, 5, 5]])
+    assert images_per_row(ids, np.array([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]), 9).tolist() == [2, 1]
+    with pytest.raises(ValueError, match="hold 4 images"):
+        stack_vision(pv, grid, images_per_sample=[2, 2])

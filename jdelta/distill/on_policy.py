@@ -38,7 +38,7 @@ from jax.sharding import Mesh
 
 from jdelta import losses
 from jdelta.distill.loop import StepInput
-from jdelta.distill.rollout import flatten_vision, repeat_prompts, stack_vision
+from jdelta.distill.rollout import flatten_vision, images_per_row, repeat_prompts, stack_vision
 from jdelta.distill.train_state import TrainState
 from jdelta.sampling import Sampler, SamplingParams
 from jdelta.scoring import chunked_token_logprobs, prepare_score_inputs
@@ -200,7 +200,7 @@ def teacher_score_fn(graphdef, state, batch, *, t: int, chunk: int, with_degrade
         lp = chunked_token_logprobs(hidden, head, comp, cmask, chunk_size=chunk,
                                     temperature=kl_temperature).token_logprobs
         deg_inputs = model_inputs(batch, "teacher_")
-        deg_inputs["pixel_values"], _ = flatten_vision(batch["pixel_values_degraded"],
+        deg_inputs["pixel_values"], _ = flatten_vision(batch["pixel_values_pixelated"],
                                                        batch["teacher_image_grid_thw"])
         hid_deg = completion_hidden(teacher, batch["input_ids"], deg_inputs, t)
         lp_deg = chunked_token_logprobs(hid_deg, head, comp, cmask, chunk_size=chunk,
@@ -260,6 +260,7 @@ def assemble_batch(
     pad_id: int = 0,
     completion_bucket: int = 32,
     prompt_bucket: int = 1,
+    image_token_id: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Host side: left-padded prompts (``B`` rows, model vision layout) and their completions
     (``[B*K, T]``, lengths ``[B*K]``, rows prompt-major) -> the per-sample train batch.
@@ -267,8 +268,10 @@ def assemble_batch(
     Returns NumPy ``input_ids, attention_mask [B*K, S+T']``, ``position_ids [B*K, 3, S+T']``,
     ``completion, completion_mask [B*K, T']`` (``T'``: longest length rounded up to
     ``completion_bucket``), per-sample vision ``pixel_values [B*K, P, D]``,
-    ``image_grid_thw [B*K, N, 3]`` (+ ``pixel_values_degraded``), the same under ``teacher_*``
-    (teacher positions from ``teacher_rope_fn``), and ``prompt_index``.
+    ``image_grid_thw [B*K, N, 3]`` (+ ``pixel_values_pixelated``), the same under ``teacher_*``
+    (teacher positions from ``teacher_rope_fn``), and ``prompt_index``. Images are assigned
+    to rows by counting image-token runs (``image_token_id``) unless the batch gives
+    ``images_per_sample``.
     """
     k = rollouts_per_prompt
     b = np.asarray(prompts["input_ids"]).shape[0]
@@ -288,12 +291,14 @@ def assemble_batch(
         pmask = np.concatenate([np.zeros((b, extra), np.int32), pmask], axis=1)
     per_sample: dict[str, Any] = {"input_ids": ids, "attention_mask": pmask}
     if prompts.get("pixel_values") is not None:
+        per_row = prompts.get("images_per_sample")
+        if per_row is None and image_token_id is not None:
+            per_row = images_per_row(ids, pmask, image_token_id)
         per_sample["pixel_values"], per_sample["image_grid_thw"] = stack_vision(
-            prompts["pixel_values"], prompts["image_grid_thw"], images_per_sample=prompts.get("images_per_sample"))
-        if prompts.get("pixel_values_degraded") is not None:
-            per_sample["pixel_values_degraded"], _ = stack_vision(
-                prompts["pixel_values_degraded"], prompts["image_grid_thw"],
-                images_per_sample=prompts.get("images_per_sample"))
+            prompts["pixel_values"], prompts["image_grid_thw"], images_per_sample=per_row)
+        if prompts.get("pixel_values_pixelated") is not None:
+            per_sample["pixel_values_pixelated"], _ = stack_vision(
+                prompts["pixel_values_pixelated"], prompts["image_grid_thw"], images_per_sample=per_row)
     rep = repeat_prompts(per_sample, k)
     flat_pv, flat_grid = flatten_vision(rep.get("pixel_values"), rep.get("image_grid_thw"))
     host_prompt = {"input_ids": rep["input_ids"], "attention_mask": rep["attention_mask"],
@@ -315,8 +320,8 @@ def assemble_batch(
     if "pixel_values" in rep:
         out["pixel_values"], out["image_grid_thw"] = rep["pixel_values"], rep["image_grid_thw"]
         out["teacher_pixel_values"], out["teacher_image_grid_thw"] = rep["pixel_values"], rep["image_grid_thw"]
-        if "pixel_values_degraded" in rep:
-            out["pixel_values_degraded"] = rep["pixel_values_degraded"]
+        if "pixel_values_pixelated" in rep:
+            out["pixel_values_pixelated"] = rep["pixel_values_pixelated"]
     return out
 
 
@@ -335,7 +340,7 @@ class OnPolicyDistiller:
       teacher: the frozen teacher module (sharded on ``mesh`` here once).
       cfg: :class:`DistillConfig`.
       prompts: iterator of left-padded prompt batches (``input_ids``, ``attention_mask``, optional
-        ``pixel_values [P, D]``, ``image_grid_thw [N, 3]``, ``pixel_values_degraded`` for VA,
+        ``pixel_values [P, D]``, ``image_grid_thw [N, 3]``, ``pixel_values_pixelated`` for VA,
         ``completion`` for off-policy GKD steps).
     """
 
@@ -402,13 +407,14 @@ class OnPolicyDistiller:
         return assemble_batch(prompts, completion, lengths, rollouts_per_prompt=self.cfg.rollouts_per_prompt,
                               rope_fn=self._student_rope, teacher_rope_fn=self._teacher_rope,
                               pad_id=self.cfg.pad_id, completion_bucket=self.cfg.completion_bucket,
-                              prompt_bucket=self.cfg.prompt_bucket)
+                              prompt_bucket=self.cfg.prompt_bucket,
+                              image_token_id=getattr(self.student.config, "image_token_id", None))
 
     def score(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         cfg = self.cfg
         va = cfg.mode == "va_opd"
-        if va and "pixel_values_degraded" not in batch:
-            raise ValueError("va_opd needs images: the prompt batch has no 'pixel_values_degraded' "
+        if va and "pixel_values_pixelated" not in batch:
+            raise ValueError("va_opd needs images: the prompt batch has no 'pixel_values_pixelated' "
                              "(the pixelated view of each image, same grid)")
         return self._score(self.t_graphdef, self.t_state, batch, t=int(batch["completion"].shape[1]),
                            chunk=cfg.kl_chunk, with_degraded=va, kl_temperature=cfg.kl_temperature)
@@ -430,7 +436,7 @@ class OnPolicyDistiller:
         jax.block_until_ready(scores)
         t2 = time.perf_counter()
         train = {k: v for k, v in dev.items() if not k.startswith("teacher_") and k != "prompt_index"
-                 and k != "pixel_values_degraded"}
+                 and k != "pixel_values_pixelated"}
         train["teacher_hidden"] = scores["teacher_hidden"]
         stats = {
             "rollout/mean_length": float(np.mean(lengths)),
@@ -462,7 +468,7 @@ def heldout_reverse_kl(distiller: OnPolicyDistiller, state: TrainState, prompts:
                                       t=int(dev["completion"].shape[1]), chunk=cfg.kl_chunk,
                                       with_degraded=False, kl_temperature=cfg.kl_temperature)["teacher_hidden"]
     train = {k: v for k, v in dev.items() if not k.startswith("teacher_") and k not in (
-        "prompt_index", "pixel_values_degraded")}
+        "prompt_index", "pixel_values_pixelated")}
     train["teacher_hidden"] = teacher_hidden
     loss_fn = make_distill_loss(dataclasses.replace(cfg, mode="reverse_kl"))
     loss, _ = jax.jit(lambda p, b, h: loss_fn(state.model(p), b, None, h))(state.params, train, distiller.teacher_head)

@@ -7,10 +7,10 @@ column ``Sp`` and the hidden state that predicts completion token ``t`` sits at
 column ``Sp - 1 + t`` in every row.
 
 Images: per-sample vision inputs are carried as ``pixel_values [B, P, D]`` and
-``image_grid_thw [B, N, 3]`` (every sample the same number ``P`` of patch rows and
-``N`` of images, zero grid rows as padding) so they can be repeated per rollout and
-split into micro-batches; :func:`flatten_vision` turns them into the model's
-``[B*P, D]`` / ``[B*N, 3]`` layout.
+``image_grid_thw [B, N, 3]`` (padded to the largest sample's ``P`` patch rows and ``N``
+images; zero grid rows as padding) so they can be repeated per rollout and split into
+micro-batches; :func:`flatten_vision` packs them back into the model's ``[B*P, D]`` /
+``[B*N, 3]`` layout (inside jit, per micro-batch).
 """
 
 from __future__ import annotations
@@ -18,10 +18,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
-
-PER_SAMPLE_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_degraded",
-                   "prompt_index")
 
 
 def repeat_prompts(batch: Mapping[str, Any], k: int) -> dict[str, np.ndarray]:
@@ -103,38 +101,70 @@ def build_sequences(
 
 
 def flatten_vision(pixel_values: Any, image_grid_thw: Any) -> tuple[Any, Any]:
-    """``[B, P, D], [B, N, 3] -> [B*P, D], [B*N, 3]`` (works on NumPy and JAX arrays)."""
+    """Per-sample ``[B, P, D], [B, N, 3]`` -> the model's ``[B*P, D], [B*N, 3]``.
+
+    Each sample's valid patch rows (``sum prod(grid)``, first in its block) are packed to the
+    front in sample order and the rest zero-filled, so samples with different image sizes
+    share one static shape; zero grid rows stay in place (the vision tower skips them).
+    Works on NumPy (host) and JAX (inside jit) arrays.
+    """
     if pixel_values is None:
         return None, None
-    return (pixel_values.reshape((-1,) + tuple(pixel_values.shape[2:])),
-            image_grid_thw.reshape((-1,) + tuple(image_grid_thw.shape[2:])))
+    xp = np if isinstance(pixel_values, np.ndarray) else jnp
+    b, p = pixel_values.shape[:2]
+    grid = image_grid_thw.reshape((-1,) + tuple(image_grid_thw.shape[2:]))
+    counts = xp.prod(image_grid_thw.astype(xp.int32), axis=-1).sum(-1)  # [B]
+    valid = (xp.arange(p)[None, :] < counts[:, None]).reshape(-1)
+    flat = pixel_values.reshape((b * p,) + tuple(pixel_values.shape[2:]))
+    dest = xp.where(valid, xp.cumsum(valid.astype(xp.int32)) - 1, b * p)  # b*p: out of range, dropped
+    if xp is np:
+        out = np.zeros_like(flat)
+        out[dest[valid]] = flat[valid]
+    else:
+        out = jnp.zeros_like(flat).at[dest].set(flat, mode="drop")
+    return out, grid
 
 
-def stack_vision(pixel_values: np.ndarray, image_grid_thw: np.ndarray, merge: int = 2,
+def images_per_row(input_ids: np.ndarray, attention_mask: np.ndarray, image_token_id: int) -> np.ndarray:
+    """Number of image-token runs (images) in each row of a prompt batch: ``[B]``."""
+    is_img = (np.asarray(input_ids) == image_token_id) & (np.asarray(attention_mask) > 0)
+    starts = is_img & ~np.concatenate([np.zeros_like(is_img[:, :1]), is_img[:, :-1]], axis=1)
+    return starts.sum(-1)
+
+
+def stack_vision(pixel_values: np.ndarray, image_grid_thw: np.ndarray,
                  images_per_sample: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Model layout ``[sum P_i, D], [M, 3]`` -> per-sample ``[B, P, D], [B, N, 3]``.
+    """Model layout ``[P_total(+pad), D], [M(+pad), 3]`` -> per-sample ``[B, P, D], [B, N, 3]``.
 
-    ``images_per_sample`` (default: one image per sample) assigns consecutive grid rows to
-    samples. Every sample must have the same number of patch rows (so rollouts and
-    micro-batches split evenly); a clear error says which differ.
+    ``images_per_sample`` (default: one image per sample) assigns consecutive non-zero grid
+    rows to samples; zero grid rows and pixel rows past the images (batch padding) are
+    dropped. ``P`` / ``N`` are the largest per-sample counts; shorter samples are zero-padded.
     """
     pixel_values = np.asarray(pixel_values)
     grids = np.asarray(image_grid_thw).reshape(-1, 3)
+    grids = grids[grids.prod(-1) > 0]
     counts = list(images_per_sample) if images_per_sample is not None else [1] * grids.shape[0]
     if sum(counts) != grids.shape[0]:
-        raise ValueError(f"images_per_sample sums to {sum(counts)} but there are {grids.shape[0]} grids")
-    patches, rows, start = [], [], 0
+        raise ValueError(f"the prompts hold {sum(counts)} images but image_grid_thw has {grids.shape[0]} "
+                         "non-empty grid rows")
+    sizes = grids.prod(-1)
+    total = int(sizes.sum())
+    if pixel_values.shape[0] < total:
+        raise ValueError(f"image_grid_thw needs {total} patch rows, pixel_values has {pixel_values.shape[0]}")
+    b = len(counts)
+    per_patches, per_grids, start_img, start_row = [], [], 0, 0
     for c in counts:
-        g = grids[start:start + c]
-        rows.append(g)
-        patches.append(int(g.prod(-1).sum()))
-        start += c
-    if len(set(patches)) > 1:
-        raise ValueError(f"samples have different patch counts {patches}; resize images to one size "
-                         "(per-sample vision arrays must be rectangular)")
-    n = max(counts)
-    grid_out = np.zeros((len(counts), n, 3), grids.dtype)
-    for i, g in enumerate(rows):
-        grid_out[i, : len(g)] = g
-    p = patches[0]
-    return pixel_values[: p * len(counts)].reshape(len(counts), p, -1), grid_out
+        g = grids[start_img:start_img + c]
+        n = int(g.prod(-1).sum())
+        per_grids.append(g)
+        per_patches.append(pixel_values[start_row:start_row + n])
+        start_img += c
+        start_row += n
+    p = max(1, max(len(x) for x in per_patches))
+    n_img = max(1, max(counts))
+    pv = np.zeros((b, p) + pixel_values.shape[1:], pixel_values.dtype)
+    grid_out = np.zeros((b, n_img, 3), grids.dtype)
+    for i in range(b):
+        pv[i, : len(per_patches[i])] = per_patches[i]
+        grid_out[i, : len(per_grids[i])] = per_grids[i]
+    return pv, grid_out

@@ -113,6 +113,7 @@ class SFTProducer:
         self.batches, self.cfg, self.mesh, self.rules = batches, cfg, mesh, rules
         self._rope = _rope_fn(student_template)
         self._special = special_ids(student_template)
+        self._image_token_id = getattr(getattr(student_template, "config", None), "image_token_id", None)
 
     def produce(self, state: TrainState, step: int) -> StepInput:
         del state, step
@@ -129,7 +130,8 @@ class SFTProducer:
                 raise ValueError(f"{n_bad} SFT response(s) in this batch contain vision placeholder token ids "
                                  f"{self._special}; clean the dataset (responses must be text)")
         host = assemble_batch(b, comp, lengths, rollouts_per_prompt=1, rope_fn=self._rope, pad_id=self.cfg.pad_id,
-                              completion_bucket=self.cfg.completion_bucket, prompt_bucket=self.cfg.prompt_bucket)
+                              completion_bucket=self.cfg.completion_bucket, prompt_bucket=self.cfg.prompt_bucket,
+                              image_token_id=self._image_token_id)
         train = {k: v for k, v in host.items() if not k.startswith("teacher_") and k not in (
             "prompt_index", "pixel_values_degraded")}
         if self.mesh is not None:

@@ -90,7 +90,7 @@ def random_prompts(config: Qwen3VLConfig, *, batch: int, min_len: int = 4, max_l
         if with_image:
             grids = np.tile(grid, (batch, 1))
             pv = rng.normal(size=(batch * image_side * image_side, vis.patch_dim)).astype(np.float32)
-            out.update(pixel_values=pv, image_grid_thw=grids, pixel_values_degraded=pixelate_patches(pv, grids))
+            out.update(pixel_values=pv, image_grid_thw=grids, pixel_values_pixelated=pixelate_patches(pv, grids))
         yield out
 
 
