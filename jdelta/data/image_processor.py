@@ -165,6 +165,63 @@ def patchify(image: np.ndarray, *, patch_size: int, merge_size: int, temporal_pa
     return np.ascontiguousarray(x).reshape(gh * gw, c * temporal_patch_size * patch_size * patch_size)
 
 
+def process_image_uint8(
+    image: ImageInput,
+    *,
+    patch_size: int = 16,
+    merge_size: int = 2,
+    min_pixels: int = QWEN3_VL_MIN_PIXELS,
+    max_pixels: int = QWEN3_VL_MAX_PIXELS,
+    min_side: int = 1,
+    record: str | None = None,
+) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Decode, convert to RGB, ``smart_resize`` and cut into patches, still as bytes:
+    ``(patches [num_patches, 3, P*P] uint8 in merge-window order, grid_thw (1, H/P, W/P))``.
+
+    A quarter of the float32 size and no temporal copy yet: the pipeline keeps examples in this
+    form and normalises straight into the batch buffer (:func:`normalise_patches`).
+    """
+    if isinstance(image, np.ndarray):
+        decode_image(image, record=record)  # validates dtype and shape, raising with the reason
+        rgb = _array_to_rgb(image)
+    else:
+        rgb = np.asarray(to_rgb(decode_image(image, record=record)))
+    height, width = rgb.shape[:2]
+    if min(height, width) < min_side:
+        raise ImageError(record, f"image too small: {height}x{width}, each side must be >= {min_side} px")
+    if height * width > MAX_INPUT_PIXELS:
+        raise ImageError(record, f"image too large: {height}x{width}")
+    try:
+        new_h, new_w = smart_resize(height, width, patch_size * merge_size, min_pixels, max_pixels)
+    except ValueError as e:
+        raise ImageError(record, str(e)) from e
+    resized = np.asarray(Image.fromarray(rgb).resize((new_w, new_h), resample=Image.Resampling.BICUBIC))
+    patches = patchify(
+        resized.transpose(2, 0, 1), patch_size=patch_size, merge_size=merge_size, temporal_patch_size=1
+    )
+    return patches.reshape(len(patches), 3, patch_size * patch_size), (
+        1,
+        new_h // patch_size,
+        new_w // patch_size,
+    )
+
+
+def normalise_patches(
+    patches: np.ndarray, temporal_patch_size: int = 2, out: np.ndarray | None = None
+) -> np.ndarray:
+    """``[N, 3, P*P]`` uint8 -> ``[N, 3*T*P*P]`` float32 ``pixel_values`` (written into ``out`` if given).
+
+    Each byte maps through a 256-entry table holding transformers' arithmetic (uint8 -> float64
+    * 1/255 -> float32, then (x - mean) / std in float32), so values are bit-identical to it; the
+    single frame is repeated ``temporal_patch_size`` times.
+    """
+    n, c, pp = patches.shape
+    if out is None:
+        out = np.empty((n, c * temporal_patch_size * pp), np.float32)
+    out.reshape(n, c, temporal_patch_size, pp)[:] = np.take(_NORMALISE_LUT, patches)[:, :, None, :]
+    return out
+
+
 def process_image(
     image: ImageInput,
     *,
@@ -182,31 +239,16 @@ def process_image(
     Errors (undecodable, too small, too large, extreme aspect ratio) raise :class:`ImageError`
     naming ``record``.
     """
-    if isinstance(image, np.ndarray):
-        decode_image(image, record=record)  # validates dtype and shape, raising with the reason
-        rgb = _array_to_rgb(image)
-    else:
-        rgb = np.asarray(to_rgb(decode_image(image, record=record)))
-    height, width = rgb.shape[:2]
-    if min(height, width) < min_side:
-        raise ImageError(record, f"image too small: {height}x{width}, each side must be >= {min_side} px")
-    if height * width > MAX_INPUT_PIXELS:
-        raise ImageError(record, f"image too large: {height}x{width}")
-    factor = patch_size * merge_size
-    try:
-        new_h, new_w = smart_resize(height, width, factor, min_pixels, max_pixels)
-    except ValueError as e:
-        raise ImageError(record, str(e)) from e
-    resized = np.asarray(Image.fromarray(rgb).resize((new_w, new_h), resample=Image.Resampling.BICUBIC))
-    # Patchify the uint8 pixels (cheap copies), then map each byte through a 256-entry table of
-    # normalised values: elementwise the same float32 arithmetic as transformers.
-    patches = patchify(
-        resized.transpose(2, 0, 1),
+    patches, grid = process_image_uint8(
+        image,
         patch_size=patch_size,
         merge_size=merge_size,
-        temporal_patch_size=temporal_patch_size,
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        min_side=min_side,
+        record=record,
     )
-    return _NORMALISE_LUT[patches], (1, new_h // patch_size, new_w // patch_size)
+    return normalise_patches(patches, temporal_patch_size), grid
 
 
 def _normalise_table() -> np.ndarray:
@@ -221,29 +263,37 @@ def _normalise_table() -> np.ndarray:
 _NORMALISE_LUT = _normalise_table()
 
 
-def process_images(
+def process_images_uint8(
     images: Sequence[ImageInput], *, config: ImageConfig | None = None, record: str | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Several images -> ``(pixel_values [sum num_patches, 3*T*P*P] float32, image_grid_thw [N, 3] int32)``."""
+    """Several images -> ``(patches [sum num_patches, 3, P*P] uint8, image_grid_thw [N, 3] int32)``."""
     cfg = config or ImageConfig()
     rows, grids = [], []
     for i, image in enumerate(images):
         name = record if len(images) == 1 or record is None else f"{record}[image {i}]"
-        pv, grid = process_image(
+        patches, grid = process_image_uint8(
             image,
             patch_size=cfg.patch_size,
             merge_size=cfg.merge_size,
-            temporal_patch_size=cfg.temporal_patch_size,
             min_pixels=cfg.min_pixels,
             max_pixels=cfg.max_pixels,
             min_side=cfg.min_side,
             record=name,
         )
-        rows.append(pv)
+        rows.append(patches)
         grids.append(grid)
     if not rows:
-        return np.zeros((0, cfg.patch_dim), np.float32), np.zeros((0, 3), np.int32)
+        return np.zeros((0, 3, cfg.patch_size**2), np.uint8), np.zeros((0, 3), np.int32)
     return np.concatenate(rows, axis=0), np.asarray(grids, dtype=np.int32)
+
+
+def process_images(
+    images: Sequence[ImageInput], *, config: ImageConfig | None = None, record: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Several images -> ``(pixel_values [sum num_patches, 3*T*P*P] float32, image_grid_thw [N, 3] int32)``."""
+    cfg = config or ImageConfig()
+    patches, grids = process_images_uint8(images, config=cfg, record=record)
+    return normalise_patches(patches, cfg.temporal_patch_size), grids
 
 
 def pixelate(image: Image.Image, fraction: float = 0.1) -> Image.Image:
