@@ -296,9 +296,12 @@ def assemble_batch(
             per_row = images_per_row(ids, pmask, image_token_id)
         per_sample["pixel_values"], per_sample["image_grid_thw"] = stack_vision(
             prompts["pixel_values"], prompts["image_grid_thw"], images_per_sample=per_row)
-        if prompts.get("pixel_values_pixelated") is not None:
+        pixelated = prompts.get("pixel_values_pixelated")
+        if pixelated is None:
+            pixelated = prompts.get("pixel_values_degraded")  # the name used before the data pipeline landed
+        if pixelated is not None:
             per_sample["pixel_values_pixelated"], _ = stack_vision(
-                prompts["pixel_values_pixelated"], prompts["image_grid_thw"], images_per_sample=per_row)
+                pixelated, prompts["image_grid_thw"], images_per_sample=per_row)
     rep = repeat_prompts(per_sample, k)
     flat_pv, flat_grid = flatten_vision(rep.get("pixel_values"), rep.get("image_grid_thw"))
     host_prompt = {"input_ids": rep["input_ids"], "attention_mask": rep["attention_mask"],
