@@ -1,0 +1,318 @@
+"""``jdelta demo --out DIR``: the whole DeltaPrompts flow on CPU in a few minutes.
+
+1. seeds: procedurally drawn charts, tables and receipts with exact answers
+   (:func:`jdelta.data.charts.generate_records`) -> ``DIR/seeds/records.jsonl``;
+2. a small byte-level BPE tokenizer trained on the seeds' text (:func:`build_demo_tokenizer`);
+3. two tiny **randomly initialised** Qwen3-VL models (teacher larger than student, same
+   tokenizer) saved in Hugging Face layout -> ``DIR/models/{teacher,student}``;
+4. ``jdelta score`` of the pair on the seeds -> ``DIR/score``;
+5. a few VA-OPD on-policy distillation steps of the student on the non-zero-Δ prompts (Orbax
+   checkpoint in ``DIR/distill/checkpoints``, HF export in ``DIR/models/student-distilled``),
+   then a re-score -> ``DIR/rescore``;
+6. a summary table (``DIR/summary.md``).
+
+The models are random: their answers are noise and Δ measures nothing about real models. The
+demo proves the plumbing (records, sampling, answer extraction, Δ, reports, resumable runs,
+distillation, checkpoints, export), not a result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+RANDOM_NOTE = (
+    "The teacher and student here are tiny RANDOMLY INITIALISED Qwen3-VL models: their answers are noise, "
+    "so Δ reflects random models, not real ones. The demo proves the plumbing, not a result."
+)
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def make_seeds(out_dir: str | Path, n: int, seed: int = 0, *, width: int = 192, height: int = 144) -> Path:
+    """``n`` procedurally generated prompt records -> ``out_dir/records.jsonl`` (images inline)."""
+    from jdelta.data.charts import generate_records
+    from jdelta.data.records import write_jsonl
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "records.jsonl"
+    write_jsonl(generate_records(n, seed, width=width, height=height), path)
+    return path
+
+
+def make_tokenizer(records_path: str | Path, out_dir: str | Path, vocab_size: int = 512):
+    """The demo BPE tokenizer trained on the records' text, saved in HF layout."""
+    from jdelta.data.charts import corpus_text
+    from jdelta.data.records import read_jsonl
+    from jdelta.data.tokenizer import build_demo_tokenizer
+
+    records = list(read_jsonl(records_path))
+    return build_demo_tokenizer(out_dir, corpus_text(records), vocab_size=vocab_size)
+
+
+def tiny_config(tokenizer, *, hidden: int = 64, layers: int = 2, vision_hidden: int = 32, vision_depth: int = 1):
+    """A tiny Qwen3-VL config for ``tokenizer`` (vision patch layout of the released models: 16 px
+    patches, 2x2 merge, 2 frames), with its special token ids."""
+    from jdelta.data.tokenizer import SpecialTokens
+    from jdelta.models.qwen3_vl import Qwen3VLConfig
+    from jdelta.models.qwen3_vl.config import Qwen3VLTextConfig, Qwen3VLVisionConfig
+
+    sp = SpecialTokens.from_tokenizer(tokenizer)
+    vocab = -(-len(tokenizer) // 64) * 64
+    head_dim = 16  # M-RoPE sections (2, 2, 4); heads = hidden / 16
+    if hidden % head_dim:
+        raise ValueError(f"hidden={hidden} must be a multiple of {head_dim}")
+    heads = hidden // head_dim
+    kv_heads = max(1, heads // 2)
+    text = Qwen3VLTextConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+        mrope_section=(2, 2, 4),
+        max_position_embeddings=4096,
+    )
+    vis = Qwen3VLVisionConfig(
+        depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_heads=2,
+        out_hidden_size=hidden, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+        num_position_embeddings=64, deepstack_visual_indexes=(0,),
+    )
+    return Qwen3VLConfig(text=text, vision=vis, image_token_id=sp.image_pad, video_token_id=sp.video_pad,
+                         vision_start_token_id=sp.vision_start, vision_end_token_id=sp.vision_end,
+                         tie_word_embeddings=False)
+
+
+def random_model_fast(config, seed: int = 0, *, logit_scale: float = 1.0):
+    """A randomly initialised model, drawn with NumPy into the abstract model's shapes.
+
+    Norm scales are 1, biases 0, other weights ``N(0, 1/fan_in)`` (embeddings ``N(0, 1)``);
+    the LM head is multiplied by ``logit_scale``. Much faster than running each layer's
+    initialiser eagerly on a busy CPU, and just as random.
+    """
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from jdelta.models.qwen3_vl.weights import abstract_model
+
+    model = abstract_model(config)
+    rng = np.random.default_rng(seed)
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name = "/".join(str(p) for p in path)
+        shape = tuple(var.get_value().shape)
+        dtype = np.dtype(var.get_value().dtype)
+        if name.endswith("bias"):
+            value = np.zeros(shape)
+        elif "norm" in name:
+            value = np.ones(shape)
+        elif "embed" in name and len(shape) == 2 and "patch" not in name:
+            value = rng.standard_normal(shape)
+        else:
+            fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else shape[0]
+            value = rng.standard_normal(shape) / np.sqrt(max(fan_in, 1))
+        if "lm_head" in name:
+            value = value * logit_scale
+        var.set_value(jax.device_put(value.astype(dtype)))
+    return model
+
+
+def make_random_model_dir(config, tokenizer, path: str | Path, seed: int = 0, *, logit_scale: float = 1.0) -> Path:
+    """A randomly initialised model saved in HF layout with ``tokenizer`` beside it."""
+    from jdelta.models.qwen3_vl.weights import save_hf_checkpoint
+
+    path = Path(path)
+    model = random_model_fast(config, seed, logit_scale=logit_scale)
+    save_hf_checkpoint(model, config, path)
+    tokenizer.save_pretrained(str(path))
+    (path / "RANDOM_WEIGHTS.txt").write_text(
+        f"Randomly initialised (seed {seed}) by jdelta.demo; not a trained model.\n")
+    return path
+
+
+def make_tiny_pair(root: str | Path, tokenizer, *, seed: int = 0, teacher_hidden: int = 64, teacher_layers: int = 2,
+                   student_hidden: int = 32, student_layers: int = 1) -> tuple[Path, Path]:
+    """Teacher (larger) and student (smaller) random models sharing ``tokenizer`` under ``root``."""
+    root = Path(root)
+    t_cfg = tiny_config(tokenizer, hidden=teacher_hidden, layers=teacher_layers)
+    s_cfg = tiny_config(tokenizer, hidden=student_hidden, layers=student_layers, vision_hidden=16)
+    # A peaked (larger-logit) teacher answers more consistently than the student: some structure
+    # for Δ to see, still random.
+    teacher = make_random_model_dir(t_cfg, tokenizer, root / "teacher", seed + 1, logit_scale=4.0)
+    student = make_random_model_dir(s_cfg, tokenizer, root / "student", seed + 2)
+    return teacher, student
+
+
+# ----------------------------------------------------------------------------- distillation
+
+
+def distill_available() -> bool:
+    try:
+        import jdelta.distill.loop  # noqa: F401
+        import jdelta.distill.on_policy  # noqa: F401
+        import jdelta.distill.step  # noqa: F401
+        import jdelta.distill.train_state  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def distill_student(teacher_dir: Path, student_dir: Path, prompts_path: Path, out_dir: Path, export_dir: Path, *,
+                    steps: int, max_pixels: int, seed: int = 0, rollouts: int = 4, batch_size: int = 4,
+                    max_new_tokens: int = 16, progress: bool = True) -> dict[str, Any]:
+    """A few VA-OPD steps of the student on ``prompts_path`` (Orbax checkpoints), then HF export."""
+    import jax
+
+    from jdelta.checkpoint import Checkpointer
+    from jdelta.data.pipeline import PipelineConfig, make_prompt_batches
+    from jdelta.data.records import open_records
+    from jdelta.data.tokenizer import SpecialTokens, load_tokenizer
+    from jdelta.distill.loop import run_loop
+    from jdelta.distill.metrics import MetricsLogger
+    from jdelta.distill.on_policy import DistillConfig, OnPolicyDistiller, make_distill_loss
+    from jdelta.distill.step import make_train_step
+    from jdelta.distill.train_state import OptimizerConfig, TrainState, make_optimizer, make_schedule
+    from jdelta.models.qwen3_vl.weights import save_hf_checkpoint
+    from jdelta.score import image_config_for, load_model
+
+    tok = load_tokenizer(teacher_dir)
+    sp = SpecialTokens.from_tokenizer(tok)
+    teacher, _ = load_model(teacher_dir)
+    student, s_cfg = load_model(student_dir)
+    pcfg = PipelineConfig(batch_size=batch_size, image=image_config_for(s_cfg, max_pixels), with_pixelated=True,
+                          num_epochs=None, drop_remainder=True, seq_buckets=(128, 256, 512))
+    batches = make_prompt_batches(open_records(prompts_path), tokenizer=tok, seed=seed, config=pcfg,
+                                  process_index=0, process_count=1)
+
+    def prompts():
+        for b in batches:
+            yield {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"],
+                   "pixel_values": b["pixel_values"], "image_grid_thw": b["image_grid_thw"],
+                   "pixel_values_degraded": b["pixel_values_pixelated"]}
+
+    cfg = DistillConfig(mode="va_opd", rollouts_per_prompt=rollouts, temperature=1.0, top_p=1.0,
+                        max_new_tokens=max_new_tokens, stop_token_ids=sp.stop_ids, pad_id=sp.pad, kl_chunk=16,
+                        completion_bucket=16, prompt_bucket=32, seed=seed)
+    ocfg = OptimizerConfig(learning_rate=1e-3, total_steps=steps, warmup_steps=1, weight_decay=0.0)
+    state = TrainState.create(student, make_optimizer(ocfg))
+    distiller = OnPolicyDistiller(state.model(), teacher, cfg, prompts())
+    step = jax.jit(make_train_step(make_distill_loss(cfg), schedule=make_schedule(ocfg)), donate_argnums=0)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = Checkpointer(out_dir / "checkpoints", save_every=max(1, steps), keep=1, async_save=False)
+    with MetricsLogger(out_dir, tensorboard=False) as logger:
+        result = run_loop(state, step, distiller.produce, num_steps=steps, checkpointer=ckpt, logger=logger,
+                          progress=progress, meta={"mode": "va_opd", "demo": True})
+    ckpt.close()
+    save_hf_checkpoint(result.state.model(), s_cfg, export_dir)
+    tok.save_pretrained(str(export_dir))
+    (export_dir / "RANDOM_WEIGHTS.txt").write_text(
+        f"A random student after {steps} VA-OPD steps towards a random teacher (jdelta demo); not a trained model.\n")
+    return {"steps": int(result.state.step), "last_loss": result.last_metrics.get("loss"),
+            "checkpoint_steps": ckpt.all_steps() if hasattr(ckpt, "all_steps") else None,
+            "time_split": result.time_split()}
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def _overall(manifest: dict, key: str) -> str:
+    s = manifest.get("summary", {}).get(key)
+    if not s or not s["prompts"]:
+        return "n/a"
+    return f"{100 * s['fraction']:.1f}% [{100 * s['ci_low']:.1f}, {100 * s['ci_high']:.1f}]"
+
+
+def run_demo(out: str | Path, *, n_prompts: int = 48, seed: int = 0, n: int = 4, max_new_tokens: int = 16,
+             shard_size: int = 16, batch_size: int = 8, max_pixels: int = 96 * 128, distill_steps: int = 4,
+             vocab_size: int = 512, progress: bool = True) -> dict[str, Any]:
+    from jdelta.data.records import read_jsonl, write_jsonl
+    from jdelta.score import run_score
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    print(f"jdelta demo -> {out}\nNOTE: {RANDOM_NOTE}\n", flush=True)
+
+    seeds = out / "seeds" / "records.jsonl"
+    if not seeds.is_file():
+        make_seeds(seeds.parent, n_prompts, seed)
+    timings["seeds"] = time.perf_counter() - t0
+    tok_dir = out / "tokenizer"
+    if not (tok_dir / "tokenizer.json").is_file():
+        make_tokenizer(seeds, tok_dir, vocab_size)
+    from jdelta.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tok_dir)
+    models = out / "models"
+    if not (models / "student" / "config.json").is_file():
+        make_tiny_pair(models, tok, seed=seed)
+    timings["setup"] = time.perf_counter() - t0
+    common = dict(n=n, temperature=1.0, max_new_tokens=max_new_tokens, batch_size=batch_size, max_pixels=max_pixels,
+                  seed=seed, num_permutations=199, num_posterior_draws=400, progress=progress, notes=[RANDOM_NOTE])
+    t1 = time.perf_counter()
+    score = run_score(models / "teacher", models / "student", seeds, out / "score", shard_size=shard_size, **common)
+    timings["score"] = time.perf_counter() - t1
+
+    rows = [("before distillation", out / "score", score)]
+    distilled = None
+    if distill_steps > 0 and distill_available():
+        entries = [json.loads(x) for x in (out / "score" / "scores.jsonl").read_text().splitlines() if x.strip()]
+        keep = {e["id"] for e in entries if e["status"] == "scored" and not e["zero_delta"]["exact"]}
+        train_path = out / "distill" / "prompts.jsonl"
+        write_jsonl([r for r in read_jsonl(seeds) if r.id in keep], train_path)
+        print(f"\ndistilling on {len(keep)} non-zero-Δ prompts ({distill_steps} VA-OPD steps)", flush=True)
+        t2 = time.perf_counter()
+        if keep:
+            distilled = distill_student(models / "teacher", models / "student", train_path, out / "distill",
+                                        models / "student-distilled", steps=distill_steps, max_pixels=max_pixels,
+                                        seed=seed, max_new_tokens=max_new_tokens, progress=progress)
+            timings["distill"] = time.perf_counter() - t2
+            t3 = time.perf_counter()
+            rescore = run_score(models / "teacher", models / "student-distilled", seeds, out / "rescore",
+                                shard_size=shard_size, **common)
+            timings["rescore"] = time.perf_counter() - t3
+            rows.append(("after distillation", out / "rescore", rescore))
+    elif distill_steps > 0:
+        print("\njdelta.distill is not available in this install: skipping the distillation step", flush=True)
+
+    lines = ["# jdelta demo", "", f"> {RANDOM_NOTE}", "",
+             "| run | prompts | scored | skipped | mean Δ (tv) | zero-Δ exact [95% CI] | zero-Δ permutation [95% CI] |",
+             "|---|---|---|---|---|---|---|"]
+    for name, path, m in rows:
+        c = m["counts"]
+        md = m.get("summary", {}).get("mean_delta")
+        lines.append(f"| {name} (`{path.relative_to(out)}`) | {c['input']} | {c['scored']} | {c['skipped']} | "
+                     f"{'n/a' if md is None else f'{md:.3f}'} | {_overall(m, 'zero_delta_exact')} | "
+                     f"{_overall(m, 'zero_delta_permutation')} |")
+    if distilled is not None:
+        lines += ["", f"Distillation: {distilled['steps']} VA-OPD steps, last loss {distilled['last_loss']:.4f}; "
+                  f"Orbax checkpoint in `distill/checkpoints`, HF export in `models/student-distilled`."]
+    timings["total"] = time.perf_counter() - t0
+    lines += ["", "Seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()), ""]
+    text = "\n".join(lines)
+    (out / "summary.md").write_text(text)
+    (out / "summary.json").write_text(json.dumps({"runs": {name: m.get("summary") for name, _, m in rows},
+                                                  "counts": {name: m["counts"] for name, _, m in rows},
+                                                  "distill": distilled, "seconds": timings,
+                                                  "random_models": True, "note": RANDOM_NOTE}, indent=2) + "\n")
+    print("\n" + text, flush=True)
+    return {"rows": rows, "distill": distilled, "seconds": timings}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="demo directory (resumed if it exists)")
+    parser.add_argument("--n-prompts", type=int, default=48)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n", type=int, default=4, help="samples per model per prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--distill-steps", type=int, default=4, help="VA-OPD steps (0: skip distillation)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    run_demo(args.out, n_prompts=args.n_prompts, seed=args.seed, n=args.n, max_new_tokens=args.max_new_tokens,
+             distill_steps=args.distill_steps, progress=not args.no_progress)
+    return 0
