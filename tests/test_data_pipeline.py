@@ -10,7 +10,7 @@ from etils import epath
 
 from jdelta.data.charts import corpus_text, generate_records
 from jdelta.data.image_processor import ImageConfig
-from jdelta.data.pipeline import PipelineConfig, make_prompt_batches
+from jdelta.data.pipeline import PipelineConfig, make_prompt_batches, prompt_dataset
 from jdelta.data.records import JsonlSource, ListSource, RecordError, write_jsonl
 from jdelta.data.tokenizer import SpecialTokens, build_demo_tokenizer
 
@@ -193,3 +193,18 @@ def test_worker_processes_give_the_same_batches(data):
         recs, tokenizer=data["tok"], seed=4, config=cfg, process_index=0, process_count=1
     )
     _assert_same(base, _batches(it))
+
+
+def test_epochs_reshuffle_and_shards_partition_each_epoch(data):
+    recs = ListSource(data["records"][:10])
+    cfg = PipelineConfig(**{**CFG.__dict__, "num_epochs": 2})
+    shards = [
+        prompt_dataset(recs, tokenizer=data["tok"], seed=5, config=cfg, process_index=p, process_count=2)
+        for p in range(2)
+    ]
+    assert [len(s) for s in shards] == [10, 10]
+    order = [[s[i]["record_index"] for i in range(10)] for s in shards]
+    for epoch in range(2):
+        seen = order[0][5 * epoch : 5 * epoch + 5] + order[1][5 * epoch : 5 * epoch + 5]
+        assert sorted(seen) == list(range(10))
+    assert order[0][:5] + order[1][:5] != order[0][5:] + order[1][5:]

@@ -13,7 +13,8 @@ compile a handful of programs:
 - ``record_index [B]`` int64 (index in the source; -1 on padding rows of a short final batch)
 - ``ids``, ``answers``, ``answer_types``, ``families`` ``[B]`` object arrays ("" / None on padding rows)
 - optional ``teacher_input_ids`` / ``teacher_attention_mask`` / ``teacher_mm_token_type_ids``
-  (the prompt with the record's ``[Hint]`` cue, ViCuR) and ``pixel_values_pixelated`` (VA-OPD).
+  (the prompt with the record's ``[Hint]`` cue, ViCuR; records without a hint get the plain prompt)
+  and ``pixel_values_pixelated`` (VA-OPD's detail-removed view, same shape as ``pixel_values``).
 
 Records that fail (unreadable, bad image, empty or over-long question, prompt longer than the
 largest bucket) are counted by reason in a :class:`SkipReport` kept in the iterator's state,
@@ -22,6 +23,7 @@ or raise when ``on_error="raise"``. Nothing is dropped silently.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import Counter
 from collections.abc import Sequence
@@ -350,6 +352,11 @@ class PromptBatchDataset(grain.IterDataset):
 # ----------------------------------------------------------------------------- public entry points
 
 
+def _with_source_index(n: int, index: int, raw: Any) -> tuple[int, Any]:
+    # Past the first epoch grain hands out indices beyond len(source); the record's index is modulo.
+    return index % n, raw
+
+
 def _as_tokenizer(tokenizer):
     return load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
 
@@ -378,13 +385,13 @@ def prompt_dataset(
         process_index, process_count = jax.process_index(), jax.process_count()
     if len(source) == 0:
         raise ValueError(f"{source!r} is empty")
-    ds = grain.MapDataset.source(source).map_with_index(lambda i, raw: (i, raw))
-    if cfg.num_epochs != 1:
-        ds = ds.repeat(cfg.num_epochs)
+    ds = grain.MapDataset.source(source).map_with_index(functools.partial(_with_source_index, len(source)))
     if shuffle:
         ds = ds.shuffle(seed=seed)
     if process_count > 1:
         ds = ds[process_index::process_count]
+    if cfg.num_epochs != 1:  # after the shuffle: grain reseeds it per epoch, so each epoch has its own order
+        ds = ds.repeat(cfg.num_epochs)
     return ds.map(ProcessRecord(source, tok, cfg))
 
 
