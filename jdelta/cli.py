@@ -16,6 +16,11 @@ import sys
 STAGES: dict[str, tuple[str, str]] = {
     "model-info": ("jdelta.models.qwen3_vl.info", "parameter counts and shapes of a Qwen3-VL config"),
     "make-seeds": ("jdelta.data.make_seeds", "generate chart/table/receipt questions with exact answers"),
+    "sample": ("jdelta.sample_stage", "n answers per prompt from a Qwen3-VL checkpoint (KV-cache sampler) to JSONL"),
+    "score": ("jdelta.score", "sample n answers from teacher and student per prompt; answer divergence Δ and report"),
+    "eval": ("jdelta.evaluate", "greedy / majority-vote answers of one model on benchmark sets, each with its own metric"),
+    "distill": ("jdelta.distill.stage", "on-policy distillation (reverse KL / GKD / VA-OPD) or SFT of a student, Orbax resume"),
+    "demo": ("jdelta.demo", "end-to-end CPU demo on tiny random models: seeds, score, VA-OPD steps, re-score"),
 }
 
 
