@@ -96,6 +96,24 @@ def test_prompt_matches_qwen3vl_processor(tok_dir, sizes, system, thinking, hint
         assert proc.apply_chat_template(messages, add_generation_prompt=True, **kw) == text
 
 
+def test_load_tokenizer_takes_template_from_chat_template_json(tok_dir, tmp_path):
+    import json
+    import shutil
+
+    # Released VLM checkpoints may keep the template only in chat_template.json (processor side).
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tok_dir / name, tmp_path / name)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    template = (tok_dir / "chat_template.jinja").read_text()
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    tok = load_tokenizer(tmp_path)
+    assert tok.chat_template == template
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        load_tokenizer(tmp_path / "missing")
+
+
 def test_prompt_structure(tok_dir):
     tok = load_tokenizer(tok_dir)
     sp = SpecialTokens.from_tokenizer(tok)

@@ -74,6 +74,26 @@ def test_parity_with_transformers(h, w, mode):
     np.testing.assert_allclose(pv, ref["pixel_values"], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("h,w", [(300, 500), (2000, 3000)])
+def test_parity_at_qwen3_vl_default_pixel_limits(h, w):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    # Qwen3-VL's released preprocessor_config.json (min 65,536 px: small images are upsampled).
+    hf = Qwen2VLImageProcessorPil(
+        patch_size=16,
+        merge_size=2,
+        temporal_patch_size=2,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+        size={"shortest_edge": 65536, "longest_edge": 16777216},
+    )
+    image = _random_image(h, w, "RGB", seed=h + w)
+    ref = hf(images=[image], return_tensors="np")
+    pv, grid = process_image(image)
+    assert tuple(grid) == tuple(int(v) for v in ref["image_grid_thw"][0])
+    np.testing.assert_allclose(pv, ref["pixel_values"], rtol=0, atol=1e-6)
+
+
 def test_parity_on_uint8_array_and_bytes():
     rgba = np.random.default_rng(0).integers(0, 256, (70, 45, 4), dtype=np.uint8)
     ref = _hf_processor()(images=[rgba], return_tensors="np")

@@ -10,7 +10,7 @@ from etils import epath
 
 from jdelta.data.charts import corpus_text, generate_records
 from jdelta.data.image_processor import ImageConfig
-from jdelta.data.pipeline import PipelineConfig, make_prompt_batches, prompt_dataset
+from jdelta.data.pipeline import PipelineConfig, config_from_dict, make_prompt_batches, prompt_dataset
 from jdelta.data.records import JsonlSource, ListSource, RecordError, write_jsonl
 from jdelta.data.tokenizer import SpecialTokens, build_demo_tokenizer
 
@@ -82,11 +82,13 @@ def _assert_same(a, b):
             np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
-def test_pipeline_deterministic_resumable_and_reports_skips(data, tmp_path):
+def test_pipeline_deterministic_resumable_and_reports_skips(data, tmp_path, caplog):
     src, tok = data["source"], data["tok"]
     it = make_prompt_batches(src, tokenizer=tok, seed=1, config=CFG, process_index=0, process_count=1)
     states = []
-    first = _batches(it, states)
+    with caplog.at_level("WARNING", logger="jdelta.data.pipeline"):
+        first = _batches(it, states)
+    assert "8 records skipped" in caplog.text and "missing_field: 2" in caplog.text
     # Every good record exactly once; the planted ones counted by reason and named.
     idx = np.concatenate([b["record_index"] for b in first])
     idx = idx[idx >= 0]
@@ -155,6 +157,10 @@ def test_raise_switch_names_the_record(data):
             pass
     with pytest.raises(ValueError, match="on_error"):
         PipelineConfig(on_error="ignore")
+    with pytest.raises(ValueError, match=r"unknown pipeline config keys \['batchsize'\]"):
+        config_from_dict({"batchsize": 4})
+    cfg = config_from_dict({"batch_size": 4, "seq_buckets": [64, 128], "image": {"max_pixels": 4096}})
+    assert cfg.seq_buckets == (64, 128) and cfg.image.max_pixels == 4096 and cfg.image.patch_dim == 1536
 
 
 def test_sharding_hints_pixelation_and_short_final_batch(data):

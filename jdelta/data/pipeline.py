@@ -24,6 +24,7 @@ or raise when ``on_error="raise"``. Nothing is dropped silently.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from collections import Counter
 from collections.abc import Sequence
@@ -44,6 +45,8 @@ from jdelta.data.image_processor import (
 )
 from jdelta.data.records import RecordError
 from jdelta.data.tokenizer import SpecialTokens, load_tokenizer
+
+logger = logging.getLogger(__name__)
 
 SKIP_KEY = "_skip"
 MAX_EXAMPLES_PER_REASON = 5
@@ -301,6 +304,7 @@ class PromptBatchIterator(grain.DatasetIterator):
         self._pad_id = pad_id
         self.skip_report = SkipReport()
         self.batches = 0
+        self._reported = False
 
     def __next__(self) -> dict[str, np.ndarray]:
         examples: list[dict] = []
@@ -314,6 +318,10 @@ class PromptBatchIterator(grain.DatasetIterator):
             else:
                 examples.append(ex)
         if not examples or (self._config.drop_remainder and len(examples) < self._config.batch_size):
+            if not self._reported:  # the end of the data: say what was left out, once
+                self._reported = True
+                log = logger.warning if self.skip_report.total else logger.info
+                log("prompt pipeline finished after %d batches; %s", self.batches, self.skip_report.summary())
             raise StopIteration
         self.batches += 1
         return collate(examples, self._config, self._pad_id)
