@@ -135,7 +135,9 @@ def run_jdelta(path, inputs, args, image_token):
 def run_hf(hf, inputs, args, image_token):
     import torch
 
-    kw = {k: torch.tensor(v) for k, v in inputs.items()}
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # same device kind as jdelta's
+    hf = hf.to(device)
+    kw = {k: torch.tensor(v, device=device) for k, v in inputs.items()}
     kw["mm_token_type_ids"] = (kw["input_ids"] == image_token).long()
     gen = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, eos_token_id=None, pad_token_id=0)
     if args.temperature > 0:
@@ -147,12 +149,17 @@ def run_hf(hf, inputs, args, image_token):
         hf.generate(**{k: v[:1] if k != "pixel_values" else v[: int(inputs["image_grid_thw"][0].prod())]
                        for k, v in kw.items()}, **{**gen, "max_new_tokens": 2, "min_new_tokens": 2,
                                                    "num_return_sequences": 1})  # warm-up
+        if device == "cuda":
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         out = hf.generate(**kw, **gen)
+        if device == "cuda":
+            torch.cuda.synchronize()
         dt = time.perf_counter() - t0
     s = inputs["input_ids"].shape[1]
     new = out[:, s:]
-    return {"tokens_per_s": new.numel() / dt, "total_s": dt, "first_tokens": new[:, :8].numpy()}
+    return {"tokens_per_s": new.numel() / dt, "total_s": dt, "first_tokens": new[:, :8].cpu().numpy(),
+            "device": device}
 
 
 def main(argv=None):
@@ -189,7 +196,10 @@ def main(argv=None):
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
     cfg, ids = hf_config(p)
-    hf = Qwen3VLForConditionalGeneration(cfg).eval()
+    if args.dtype == "float32":
+        hf = Qwen3VLForConditionalGeneration(cfg).eval()
+    else:  # only jdelta runs in reduced precision; save the random weights in that dtype
+        hf = Qwen3VLForConditionalGeneration._from_config(cfg, dtype=getattr(torch, args.dtype)).eval()
     n_params = sum(x.numel() for x in hf.parameters())
     inputs = make_inputs(args.batch, args.prompt_len, grid, ids, p["vocab"])
     with tempfile.TemporaryDirectory() as tmp:
@@ -217,7 +227,7 @@ def main(argv=None):
                  ("decode step vs bound", f"{jd['decode_step_ms'] / jd['bound_ms']:.2f}x "
                                           f"({jd['bound_pct']:.0f}% of bound)")]
     if ref is not None:
-        rows += [("transformers output tokens/s", f"{ref['tokens_per_s']:.1f}"),
+        rows += [(f"transformers ({ref['device']}) output tokens/s", f"{ref['tokens_per_s']:.1f}"),
                  ("transformers wall (s)", f"{ref['total_s']:.2f}"),
                  ("ratio jdelta / transformers", f"{jd['tokens_per_s'] / ref['tokens_per_s']:.2f}x")]
         if args.temperature == 0:
