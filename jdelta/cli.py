@@ -20,6 +20,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "score": ("jdelta.score", "sample n answers from teacher and student per prompt; answer divergence Δ and report"),
     "eval": ("jdelta.evaluate", "greedy / majority-vote answers of one model on benchmark sets, each with its own metric"),
     "distill": ("jdelta.distill.stage", "on-policy distillation (reverse KL / GKD / VA-OPD) or SFT of a student, Orbax resume"),
+    "synthesize": ("jdelta.synth.synthesize", "failure modes + targeted candidates (teacher-as-writer, steered generator) from a score run"),
+    "pipeline": ("jdelta.synth.pipeline", "DeltaPrompts pipeline: seeds -> score -> failure modes -> synthesis -> screen, rounds, resumable"),
     "demo": ("jdelta.demo", "end-to-end CPU demo on tiny random models: seeds, score, VA-OPD steps, re-score"),
 }
 
