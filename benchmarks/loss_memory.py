@@ -5,8 +5,12 @@ mean, with respect to the student's hidden states and LM head, in two forms:
 
 * naive: ``token_divergence(student_hidden @ W_s, teacher_hidden @ W_t)`` on full ``[B, T, V]``
   float32 logits;
-* chunked: :func:`jdelta.losses.chunked_token_divergence` (``lax.map`` over ``chunk_size``
-  positions, ``jax.checkpoint`` per chunk).
+* chunked: :func:`jdelta.losses.chunked_token_divergence` over ``chunk_size`` positions, with
+  ``backward="tiled"`` (custom VJP, vocabulary tiles x sequence chunks) or ``"remat"``
+  (``jax.checkpoint`` per chunk under ``lax.map``).
+
+On CPU, XLA upcasts bf16 matmul operands to f32 and hoists the converted [H, V] LM heads out of
+the loops, which inflates every bf16 figure; ``--dtype float32`` measures the algorithms.
 
 and prints XLA's ``memory_analysis()``: temp bytes (activations and intermediates) and the total
 (arguments + outputs + temp). The ratio is naive temp / chunked temp.
@@ -26,14 +30,28 @@ import jax.numpy as jnp
 from jdelta.losses import chunked_token_divergence, token_divergence
 
 
-def _analyse(fn, shapes):
+def _analyse(fn, shapes, run: int = 0):
     t0 = time.perf_counter()
     compiled = jax.jit(fn).lower(*shapes).compile()
     secs = time.perf_counter() - t0
     m = compiled.memory_analysis()
     temp = m.temp_size_in_bytes
     total = m.argument_size_in_bytes + m.output_size_in_bytes + temp - m.alias_size_in_bytes
-    return temp, total, secs
+    ms = float("nan")
+    if run:
+        keys = jax.random.split(jax.random.PRNGKey(0), len(shapes))
+        args = [
+            (jax.random.normal(k, s.shape, jnp.float32) * 0.05).astype(s.dtype) if s.ndim > 1 else jnp.ones(s.shape, s.dtype)
+            for k, s in zip(keys, shapes, strict=True)
+        ]
+        jax.block_until_ready(compiled(*args))
+        times = []
+        for _ in range(run):
+            t = time.perf_counter()
+            jax.block_until_ready(compiled(*args))
+            times.append(time.perf_counter() - t)
+        ms = 1e3 * sorted(times)[len(times) // 2]
+    return temp, total, secs, ms
 
 
 def main(argv=None) -> None:
@@ -47,6 +65,8 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default="bfloat16", help="hidden states and LM heads; logits are float32")
     p.add_argument("--kind", default="reverse_kl", choices=["reverse_kl", "forward_kl", "jsd"])
     p.add_argument("--chunks", type=int, nargs="+", default=[128, 256, 512])
+    p.add_argument("--backward", nargs="+", default=["tiled", "remat"], choices=["tiled", "remat"])
+    p.add_argument("--run", type=int, default=0, help="also execute N times and report the median ms")
     args = p.parse_args(argv)
 
     dt = jnp.dtype(args.dtype)
@@ -66,9 +86,9 @@ def main(argv=None) -> None:
         div = token_divergence(s_logits, t_logits, **kw)
         return jnp.sum(div * mask) / jnp.sum(mask)
 
-    def chunked_loss(chunk):
+    def chunked_loss(chunk, backward):
         def f(sh, sw, th, tw, mask):
-            div = chunked_token_divergence(sh, sw, th, tw, mask, chunk_size=chunk, **kw)
+            div = chunked_token_divergence(sh, sw, th, tw, mask, chunk_size=chunk, backward=backward, **kw)
             return jnp.sum(div) / jnp.sum(mask)
 
         return f
@@ -77,14 +97,19 @@ def main(argv=None) -> None:
     gib = lambda x: x / 2**30
     print(
         f"# loss+grad memory, backend={jax.default_backend()} B={b} T={t} H_s={h} H_t={ht} V={v} "
-        f"dtype={args.dtype} kind={args.kind}; one [B,T,V] fp32 = {gib(b * t * v * 4):.2f} GiB"
+        f"dtype={args.dtype} kind={args.kind} device={jax.devices()[0].device_kind}; "
+        f"one [B,T,V] fp32 = {gib(b * t * v * 4):.2f} GiB"
     )
-    print(f"{'variant':<16}{'temp GiB':>10}{'total GiB':>11}{'temp ratio':>12}{'compile s':>11}")
-    n_temp, n_total, n_s = _analyse(grad(naive_loss), shapes)
-    print(f"{'naive':<16}{gib(n_temp):>10.3f}{gib(n_total):>11.3f}{1.0:>12.1f}{n_s:>11.1f}")
-    for c in args.chunks:
-        c_temp, c_total, c_s = _analyse(grad(chunked_loss(c)), shapes)
-        print(f"{f'chunked c={c}':<16}{gib(c_temp):>10.3f}{gib(c_total):>11.3f}{n_temp / c_temp:>12.1f}{c_s:>11.1f}")
+    print(f"{'variant':<16}{'temp GiB':>10}{'total GiB':>11}{'temp ratio':>12}{'compile s':>11}{'run ms':>9}")
+    n_temp, n_total, n_s, n_ms = _analyse(grad(naive_loss), shapes, args.run)
+    print(f"{'naive':<16}{gib(n_temp):>10.3f}{gib(n_total):>11.3f}{1.0:>12.1f}{n_s:>11.1f}{n_ms:>9.1f}")
+    for backward in args.backward:
+        for c in args.chunks:
+            c_temp, c_total, c_s, c_ms = _analyse(grad(chunked_loss(c, backward)), shapes, args.run)
+            name = f"{backward} c={c}"
+            print(
+                f"{name:<16}{gib(c_temp):>10.3f}{gib(c_total):>11.3f}{n_temp / c_temp:>12.1f}{c_s:>11.1f}{c_ms:>9.1f}"
+            )
 
 
 if __name__ == "__main__":

