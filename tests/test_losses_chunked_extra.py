@@ -55,3 +55,34 @@ def test_chunked_loss_and_grad_never_hold_full_logits():
     assert naive / tiled > 8, (tiled, naive)
     remat = temp(lambda sh, sw, th, tw: chunked_token_divergence(sh, sw, th, tw, chunk_size=c, backward="remat"))
     assert remat < full_logits, (remat, naive)
+
+
+def test_tiled_backward_under_a_sharded_mesh_matches_single_device():
+    """FSDP x tensor mesh (4 x 2 host devices): LM heads sharded [embed->fsdp, vocab->tensor]."""
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    devices = np.array(jax.devices()[:8]).reshape(4, 2)
+    mesh = Mesh(devices, ("fsdp", "tensor"))
+    r = np.random.default_rng(5)
+    f = lambda *s, scale=1.0: jnp.asarray(r.normal(size=s).astype(np.float32) * scale)
+    sh, sw, th, tw = f(4, 24, 16), f(16, 320, scale=0.4), f(4, 24, 8), f(8, 320, scale=0.4)
+    cot = f(4, 24)
+
+    def loss(sh, sw, th, tw):
+        div = chunked_token_divergence(sh, sw, th, tw, chunk_size=8, vocab_size=300, vocab_tile=40)
+        return jnp.sum(div * cot)
+
+    vg = jax.value_and_grad(loss, argnums=(0, 1))
+    ref_v, ref_g = jax.jit(vg)(sh, sw, th, tw)
+    put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
+    args = (
+        put(sh, P("fsdp", None, None)),
+        put(sw, P("fsdp", "tensor")),
+        put(th, P("fsdp", None, None)),
+        put(tw, P("fsdp", "tensor")),
+    )
+    v, g = jax.jit(vg)(*args)
+    np.testing.assert_allclose(v, ref_v, atol=1e-5, rtol=1e-6)
+    for x, y in zip(g, ref_g, strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-6)
