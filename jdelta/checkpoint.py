@@ -13,9 +13,11 @@ import logging
 import signal
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import grain
+if TYPE_CHECKING:
+    import grain
+
 import jax
 import orbax.checkpoint as ocp
 
@@ -70,6 +72,8 @@ class Checkpointer:
         """Save ``state`` (any pytree of arrays) at ``step``; returns whether a save started."""
         items: dict[str, Any] = {"state": ocp.args.StandardSave(state)}
         if data_iter is not None:
+            import grain  # imported here: the train step and benchmarks need no grain
+
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
         if meta is not None:
             items["meta"] = ocp.args.JsonSave(meta)
@@ -95,6 +99,8 @@ class Checkpointer:
         if data_iter is not None:
             if "data" not in saved:
                 raise ValueError(f"checkpoint {self.directory}/{step} has no data-iterator state to restore")
+            import grain
+
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         if "meta" in saved:
             items["meta"] = ocp.args.JsonRestore()
