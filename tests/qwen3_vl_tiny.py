@@ -90,7 +90,7 @@ def make_batch(rows, pad_to=None, seed=0):
 
 # One static shape for every test input, so a test file compiles the model a handful of
 # times (XLA:CPU compiles are seconds each) -- and padding is exercised everywhere.
-BUCKET = dict(batch=3, seq=48, patches=128, images=4)
+BUCKET = dict(batch=4, seq=48, patches=128, images=4)
 
 
 def to_bucket(ids, mask, pv, grid, rng_seed=1):

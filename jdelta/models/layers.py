@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jdelta.sharding import logical_to_spec
+
 Names = tuple[str | None, ...]
 
 
@@ -31,6 +33,15 @@ class KeyGen:
     def params(self) -> jax.Array:
         self.count += 1
         return jax.random.fold_in(self.base, self.count)
+
+
+def constrain(x: jax.Array, names: Names) -> jax.Array:
+    """Sharding constraint by logical axis names, active only under ``jax.set_mesh(mesh)``
+    (a no-op otherwise, e.g. single-device runs)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(names, x.shape, mesh))
 
 
 def _param(value: jax.Array, names: Names) -> nnx.Param:

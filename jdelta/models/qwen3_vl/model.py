@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from jdelta.models.layers import Dense, KeyGen, mrope_cos_sin
+from jdelta.models.layers import Dense, KeyGen, constrain, mrope_cos_sin
 from jdelta.models.qwen3_vl.config import Qwen3VLConfig
 from jdelta.models.qwen3_vl.positions import get_rope_index
-from jdelta.models.qwen3_vl.text import LayerHook, Qwen3VLTextModel
+from jdelta.models.qwen3_vl.text import HIDDEN, LayerHook, Qwen3VLTextModel
 from jdelta.models.qwen3_vl.vision import Qwen3VLVisionModel
 
 
@@ -133,6 +133,7 @@ class Qwen3VLForConditionalGeneration(nnx.Module):
             x = jnp.where(visual_mask[..., None], place_visual_features(merged.astype(x.dtype), visual_mask), x)
             deepstack = [place_visual_features(d.astype(x.dtype), visual_mask) for d in deep]
 
+        x = constrain(x, HIDDEN)
         t = cfg.text
         cos, sin = mrope_cos_sin(position_ids, t.head_dim, t.rope_theta, t.mrope_section)
         cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
@@ -163,7 +164,7 @@ class Qwen3VLForConditionalGeneration(nnx.Module):
         rope_deltas = (last_pos + 1 - (index + s)).astype(jnp.int32)
         logits = None
         if return_logits:
-            logits = jnp.dot(hidden, self.lm_head_weight().astype(hidden.dtype))
+            logits = constrain(jnp.dot(hidden, self.lm_head_weight().astype(hidden.dtype)), ("batch", "seq", "vocab"))
         return Qwen3VLOutput(logits=logits, hidden_states=hidden, cache=new_cache, rope_deltas=rope_deltas)
 
     def _check_image_tokens(self, visual_mask, pixel_values, image_grid_thw) -> None:

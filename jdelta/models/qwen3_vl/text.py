@@ -13,11 +13,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jdelta.models.layers import Dense, GatedMLP, RMSNorm, apply_rotary, dot_product_attention
+from jdelta.models.layers import Dense, GatedMLP, RMSNorm, apply_rotary, constrain, dot_product_attention
 from jdelta.models.qwen3_vl.config import Qwen3VLTextConfig
 
 # layer_hook(layer_idx, hidden [B,S,H], visual_mask [B,S] bool, attention_mask [B,S] bool) -> hidden
 LayerHook = Callable[[int, jax.Array, jax.Array, jax.Array], jax.Array]
+
+HIDDEN = ("batch", "seq", "embed")  # logical axes of [B, S, H] activations
 
 REMAT_POLICIES = {
     "full": None,
@@ -135,4 +137,5 @@ class Qwen3VLTextModel(nnx.Module):
                 x = x + deepstack[i].astype(x.dtype)
             if layer_hook is not None:
                 x = layer_hook(i, x, visual_mask, attention_mask)
-        return self.norm(x), (None if cache_kv is None else (ks, vs))
+            x = constrain(x, HIDDEN)
+        return constrain(self.norm(x), HIDDEN), (None if cache_kv is None else (ks, vs))
