@@ -149,69 +149,57 @@ def make_tiny_pair(root: str | Path, tokenizer, *, seed: int = 0, teacher_hidden
 
 
 def distill_available() -> bool:
+    """Whether the ``jdelta distill`` stage (``jdelta.distill.stage.run_distill``) is installed."""
     try:
-        import jdelta.distill.loop  # noqa: F401
-        import jdelta.distill.on_policy  # noqa: F401
-        import jdelta.distill.step  # noqa: F401
-        import jdelta.distill.train_state  # noqa: F401
+        from jdelta.distill.stage import run_distill  # noqa: F401
     except ImportError:
         return False
     return True
 
 
+def distill_config(teacher_dir: Path, student_dir: Path, prompts_path: Path, out_dir: Path, export_dir: Path, *,
+                   steps: int, max_pixels: int, seed: int = 0, rollouts: int = 4, batch_size: int = 4,
+                   max_new_tokens: int = 16) -> dict[str, Any]:
+    """The ``jdelta distill`` config of the demo's VA-OPD run (records -> on-policy -> Orbax -> HF export)."""
+    return {
+        "run_dir": str(out_dir),
+        "method": "on_policy",
+        "student": {"path": str(student_dir)},
+        "teacher": {"path": str(teacher_dir)},
+        "data": {
+            "source": "records", "path": str(prompts_path), "tokenizer": str(teacher_dir),
+            "batch_size": batch_size, "seed": seed,
+            "pipeline": {"image": {"patch_size": 16, "merge_size": 2, "temporal_patch_size": 2,
+                                   "max_pixels": max_pixels, "min_pixels": min(max_pixels, 32 * 32)},
+                         "seq_buckets": [128, 256, 512]},
+        },
+        "train": {"steps": steps, "log_every": 1, "seed": seed},
+        "optimizer": {"learning_rate": 1e-3, "weight_decay": 0.0, "warmup_fraction": 0.25},
+        "checkpoint": {"save_every": steps, "keep": 1, "async": False},
+        "distill": {"mode": "va_opd", "rollouts_per_prompt": rollouts, "temperature": 1.0, "top_p": 1.0,
+                    "max_new_tokens": max_new_tokens, "kl_chunk": 16, "completion_bucket": 16,
+                    "prompt_bucket": 32, "seed": seed},
+        "export": {"path": str(export_dir)},
+    }
+
+
 def distill_student(teacher_dir: Path, student_dir: Path, prompts_path: Path, out_dir: Path, export_dir: Path, *,
-                    steps: int, max_pixels: int, seed: int = 0, rollouts: int = 4, batch_size: int = 4,
-                    max_new_tokens: int = 16, progress: bool = True) -> dict[str, Any]:
-    """A few VA-OPD steps of the student on ``prompts_path`` (Orbax checkpoints), then HF export."""
-    import jax
+                    progress: bool = True, **kw: Any) -> dict[str, Any]:
+    """A few VA-OPD steps of the student through the ``jdelta distill`` stage, then HF export
+    (with the tokenizer copied beside the weights)."""
+    from jdelta.data.tokenizer import load_tokenizer
+    from jdelta.distill.stage import run_distill
 
-    from jdelta.checkpoint import Checkpointer
-    from jdelta.data.pipeline import PipelineConfig, make_prompt_batches
-    from jdelta.data.records import open_records
-    from jdelta.data.tokenizer import SpecialTokens, load_tokenizer
-    from jdelta.distill.loop import run_loop
-    from jdelta.distill.metrics import MetricsLogger
-    from jdelta.distill.on_policy import DistillConfig, OnPolicyDistiller, make_distill_loss
-    from jdelta.distill.step import make_train_step
-    from jdelta.distill.train_state import OptimizerConfig, TrainState, make_optimizer, make_schedule
-    from jdelta.models.qwen3_vl.weights import save_hf_checkpoint
-    from jdelta.score import image_config_for, load_model
-
-    tok = load_tokenizer(teacher_dir)
-    sp = SpecialTokens.from_tokenizer(tok)
-    teacher, _ = load_model(teacher_dir)
-    student, s_cfg = load_model(student_dir)
-    pcfg = PipelineConfig(batch_size=batch_size, image=image_config_for(s_cfg, max_pixels), with_pixelated=True,
-                          num_epochs=None, drop_remainder=True, seq_buckets=(128, 256, 512))
-    batches = make_prompt_batches(open_records(prompts_path), tokenizer=tok, seed=seed, config=pcfg,
-                                  process_index=0, process_count=1)
-
-    def prompts():
-        for b in batches:
-            yield {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"],
-                   "pixel_values": b["pixel_values"], "image_grid_thw": b["image_grid_thw"],
-                   "pixel_values_degraded": b["pixel_values_pixelated"]}
-
-    cfg = DistillConfig(mode="va_opd", rollouts_per_prompt=rollouts, temperature=1.0, top_p=1.0,
-                        max_new_tokens=max_new_tokens, stop_token_ids=sp.stop_ids, pad_id=sp.pad, kl_chunk=16,
-                        completion_bucket=16, prompt_bucket=32, seed=seed)
-    ocfg = OptimizerConfig(learning_rate=1e-3, total_steps=steps, warmup_steps=1, weight_decay=0.0)
-    state = TrainState.create(student, make_optimizer(ocfg))
-    distiller = OnPolicyDistiller(state.model(), teacher, cfg, prompts())
-    step = jax.jit(make_train_step(make_distill_loss(cfg), schedule=make_schedule(ocfg)), donate_argnums=0)
+    cfg = distill_config(teacher_dir, student_dir, prompts_path, out_dir, export_dir, **kw)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = Checkpointer(out_dir / "checkpoints", save_every=max(1, steps), keep=1, async_save=False)
-    with MetricsLogger(out_dir, tensorboard=False) as logger:
-        result = run_loop(state, step, distiller.produce, num_steps=steps, checkpointer=ckpt, logger=logger,
-                          progress=progress, meta={"mode": "va_opd", "demo": True})
-    ckpt.close()
-    save_hf_checkpoint(result.state.model(), s_cfg, export_dir)
-    tok.save_pretrained(str(export_dir))
+    summary = run_distill(cfg, progress=progress)
+    load_tokenizer(teacher_dir).save_pretrained(str(export_dir))
     (export_dir / "RANDOM_WEIGHTS.txt").write_text(
-        f"A random student after {steps} VA-OPD steps towards a random teacher (jdelta demo); not a trained model.\n")
-    return {"steps": int(result.state.step), "last_loss": result.last_metrics.get("loss"),
-            "checkpoint_steps": ckpt.all_steps() if hasattr(ckpt, "all_steps") else None,
-            "time_split": result.time_split()}
+        f"A random student after {summary['steps']} VA-OPD steps towards a random teacher (jdelta demo); "
+        "not a trained model.\n")
+    ckpts = sorted(int(p.name) for p in (out_dir / "checkpoints").iterdir() if p.name.isdigit())
+    return {"steps": summary["steps"], "last_loss": summary["last"].get("loss"), "checkpoint_steps": ckpts,
+            "time_split": summary["time_split"], "nan_steps": summary["nan_steps"]}
 
 
 # ----------------------------------------------------------------------------- the stage

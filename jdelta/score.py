@@ -111,22 +111,32 @@ def file_sha256(path: Path, limit: int | None = None) -> str:
     return h.hexdigest()
 
 
+FULL_HASH_BYTES = 1 << 30
+"""Checkpoints up to this size get a full sha256 of their weights in the model identity."""
+
+
 def model_identity(path: str | os.PathLike) -> dict[str, Any]:
-    """Path, sha256 of ``config.json``, and a cheap weights fingerprint (names + sizes + headers)."""
+    """Path, sha256 of ``config.json`` and a weights fingerprint (full sha256 up to
+    :data:`FULL_HASH_BYTES`; beyond, names + sizes + first MiB + mtimes)."""
     p = Path(path)
     ident: dict[str, Any] = {"path": str(p.resolve())}
     cfg = p / "config.json"
     ident["config_sha256"] = file_sha256(cfg) if cfg.is_file() else None
+    files = sorted(p.glob("*.safetensors"))
+    total = sum(f.stat().st_size for f in files)
+    full = total <= FULL_HASH_BYTES  # small checkpoints: hash everything; large: header + size + mtime
     h = hashlib.sha256()
-    total = 0
-    for f in sorted(p.glob("*.safetensors")):
-        size = f.stat().st_size
-        total += size
+    for f in files:
+        st = f.stat()
         h.update(f.name.encode())
-        h.update(str(size).encode())
-        h.update(file_sha256(f, limit=1 << 16).encode())  # header + first tensors
+        h.update(str(st.st_size).encode())
+        if full:
+            h.update(file_sha256(f).encode())
+        else:
+            h.update(file_sha256(f, limit=1 << 20).encode())
+            h.update(str(st.st_mtime_ns).encode())
     ident["weights_bytes"] = total
-    ident["weights_fingerprint"] = h.hexdigest()
+    ident["weights_fingerprint"] = ("sha256:" if full else "header+mtime:") + h.hexdigest()
     return ident
 
 
