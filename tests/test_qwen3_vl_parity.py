@@ -178,3 +178,18 @@ def test_config_roundtrip(ckpt):
     d["text_config"]["rope_parameters"]["mrope_section"] = [2, 2, 2]
     with pytest.raises(ValueError, match="mrope_section"):
         Qwen3VLConfig.from_hf_dict(d)
+
+
+def test_block_local_vision_attention_matches_transformers(ckpt):
+    """vision_max_frame_patches: block-local vision attention (cost P*3L, not P^2), same logits."""
+    hf, model, config, _ = ckpt
+    local_cfg = config.replace(vision_max_frame_patches=24)  # the largest frame below: 4 x 6 patches
+    local = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: type(model)(local_cfg, rngs=nnx.Rngs(0)))),
+                      nnx.state(model))
+    ids, mask, pv, grid = make_batch(CASES["batch_left_padding"])
+    logits, _, _ = jd_bucketed(local, ids, mask, pv, grid)
+    assert_parity(hf_logits(hf, ids, mask, pv, grid), logits, mask)
+    too_small = nnx.merge(nnx.graphdef(nnx.eval_shape(
+        lambda: type(model)(config.replace(vision_max_frame_patches=16), rngs=nnx.Rngs(0)))), nnx.state(model))
+    with pytest.raises(ValueError, match="has 24 patches, more than max_frame_patches=16"):
+        too_small.visual(jnp.asarray(pv), jnp.asarray(grid))

@@ -191,7 +191,10 @@ class Qwen3VLConfig:
 
     jdelta-side fields (not in HF's file): ``dtype`` (compute dtype), ``param_dtype``,
     ``attention_impl`` ("xla" | "cudnn" | "auto", passed to ``jax.nn.dot_product_attention``),
-    ``remat_policy`` (one of ``REMAT_POLICIES``; applied to decoder layers when no KV cache is used).
+    ``remat_policy`` (one of ``REMAT_POLICIES``; applied to decoder layers when no KV cache is used),
+    ``vision_max_frame_patches`` (None: vision attention with a dense ``[P, P]`` block-diagonal
+    mask over all patches of the batch; an int L >= the largest image's ``h*w``: block-local
+    attention costing ``P * 3L`` -- use it when a batch holds many images).
     """
 
     text: Qwen3VLTextConfig = field(default_factory=Qwen3VLTextConfig)
@@ -205,6 +208,7 @@ class Qwen3VLConfig:
     param_dtype: str = "float32"
     attention_impl: str = "xla"
     remat_policy: str = "none"
+    vision_max_frame_patches: int | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     _KNOWN = ("text_config", "vision_config", "image_token_id", "video_token_id", "vision_start_token_id",
@@ -216,6 +220,8 @@ class Qwen3VLConfig:
             raise ValueError(f"attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
+        if self.vision_max_frame_patches is not None and self.vision_max_frame_patches < 1:
+            raise ValueError(f"vision_max_frame_patches={self.vision_max_frame_patches} must be positive or None")
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], **overrides: Any) -> Qwen3VLConfig:

@@ -72,7 +72,8 @@ class Qwen3VLForConditionalGeneration(nnx.Module):
         dtype, pdtype = _dtype(config.dtype), _dtype(config.param_dtype)
         rngs = KeyGen(rngs)
         self.visual = Qwen3VLVisionModel(config.vision, dtype=dtype, param_dtype=pdtype,
-                                         attention_impl=config.attention_impl, rngs=rngs)
+                                         attention_impl=config.attention_impl,
+                                         max_frame_patches=config.vision_max_frame_patches, rngs=rngs)
         self.language_model = Qwen3VLTextModel(config.text, dtype=dtype, param_dtype=pdtype,
                                                attention_impl=config.attention_impl,
                                                remat_policy=config.remat_policy, rngs=rngs)

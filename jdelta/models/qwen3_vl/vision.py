@@ -65,6 +65,40 @@ def bilinear_taps(index: jax.Array, size: jax.Array, side: int) -> tuple[jax.Arr
     return taps, weights
 
 
+def block_local_mask_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment: jax.Array, block: int, *,
+                               implementation: str) -> jax.Array:
+    """Attention within segments whose rows are contiguous and at most ``block`` long.
+
+    Rows are cut into blocks of ``block``; each query block attends to its own block and
+    its two neighbours (a segment no longer than ``block`` lies within them), masked by
+    segment equality. Cost ``P * 3 * block`` instead of ``P^2``.
+
+    Args:
+      q, k, v: ``[P, H, D]``; segment: ``[P]`` int (equal ids attend to each other).
+    Returns:
+      ``[P, H, D]``.
+    """
+    p, h, d = q.shape
+    nb = -(-p // block)
+    extra = nb * block - p
+
+    def blocks(x, fill):
+        x = jnp.concatenate([x, jnp.full((extra, *x.shape[1:]), fill, x.dtype)]) if extra else x
+        return x.reshape(nb, block, *x.shape[1:])
+
+    def windows(x, fill):  # [nb, block, ...] -> [nb, 3*block, ...] (previous, own, next block)
+        edge = jnp.full((1, *x.shape[1:]), fill, x.dtype)
+        padded = jnp.concatenate([edge, x, edge])
+        return jnp.concatenate([padded[:-2], padded[1:-1], padded[2:]], axis=1)
+
+    seg = blocks(segment.astype(jnp.int32), -2)  # rows added here only see each other
+    seg_k = windows(seg, -3)  # window edges match no query
+    mask = (seg[:, :, None] == seg_k[:, None, :])[:, None]  # [nb, 1, block, 3*block]
+    out = dot_product_attention(blocks(q, 0), windows(blocks(k, 0), 0), windows(blocks(v, 0), 0), mask,
+                                implementation=implementation)
+    return out.reshape(nb * block, h, d)[:p]
+
+
 class VisionAttention(nnx.Module):
     def __init__(self, cfg: Qwen3VLVisionConfig, *, dtype, param_dtype, attention_impl: str, rngs: nnx.Rngs):
         d = cfg.hidden_size
@@ -73,14 +107,24 @@ class VisionAttention(nnx.Module):
         self.qkv = Dense(d, 3 * d, names=("vision_embed", "q_proj"), **kw)
         self.proj = Dense(d, d, names=("q_proj", "vision_embed"), **kw)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        """``x [P, D]``, ``cos/sin [P, head_dim]``, ``mask [P, P]`` bool -> ``[P, D]``."""
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment: jax.Array,
+                 block: int | None = None) -> jax.Array:
+        """``x [P, D]``, ``cos/sin [P, head_dim]``, ``segment [P]`` -> ``[P, D]``.
+
+        Attention is block-diagonal by segment (one segment per image frame): a dense
+        ``[P, P]`` mask when ``block`` is None, else block-local (see
+        ``block_local_mask_attention``).
+        """
         p = x.shape[0]
         qkv = self.qkv(x).reshape(p, 3, self.num_heads, self.head_dim)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = dot_product_attention(q[None], k[None], v[None], mask[None, None], implementation=self.attention_impl)
-        return self.proj(out[0].reshape(p, -1))
+        if block is None:
+            mask = (segment[:, None] == segment[None, :])[None, None]
+            out = dot_product_attention(q[None], k[None], v[None], mask, implementation=self.attention_impl)[0]
+        else:
+            out = block_local_mask_attention(q, k, v, segment, block, implementation=self.attention_impl)
+        return self.proj(out.reshape(p, -1))
 
 
 class VisionMLP(nnx.Module):
@@ -102,8 +146,8 @@ class VisionBlock(nnx.Module):
                                     rngs=rngs)
         self.mlp = VisionMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask):
-        x = x + self.attn(self.norm1(x), cos, sin, mask)
+    def __call__(self, x, cos, sin, segment, block=None):
+        x = x + self.attn(self.norm1(x), cos, sin, segment, block)
         return x + self.mlp(self.norm2(x))
 
 
@@ -145,8 +189,8 @@ class PatchEmbed(nnx.Module):
 
 class Qwen3VLVisionModel(nnx.Module):
     def __init__(self, cfg: Qwen3VLVisionConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 attention_impl: str = "xla", rngs: nnx.Rngs):
-        self.cfg, self.dtype = cfg, dtype
+                 attention_impl: str = "xla", max_frame_patches: int | None = None, rngs: nnx.Rngs):
+        self.cfg, self.dtype, self.max_frame_patches = cfg, dtype, max_frame_patches
         self.side = int(round(cfg.num_position_embeddings ** 0.5))
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.patch_embed = PatchEmbed(cfg, **kw)
@@ -185,15 +229,19 @@ class Qwen3VLVisionModel(nnx.Module):
         if pixel_values.shape[1] != self.cfg.patch_dim:
             raise ValueError(f"pixel_values rows have {pixel_values.shape[1]} values; expected "
                              f"C*T*ps*ps={self.cfg.patch_dim}")
+        block = self.max_frame_patches
+        if block is not None and not isinstance(grid_thw, jax.core.Tracer):
+            largest = int(jnp.max(grid_thw[:, 1] * grid_thw[:, 2]))
+            if largest > block:
+                raise ValueError(f"an image frame has {largest} patches, more than max_frame_patches={block} "
+                                 "(config.vision_max_frame_patches); raise it or resize the image")
         layout = patch_layout(grid_thw, num_patches, self.cfg.spatial_merge_size)
         x = self.patch_embed(pixel_values.astype(self.dtype))
         x = x + self.position_embedding(layout).astype(x.dtype)
         cos, sin = vision_cos_sin(layout["row"], layout["col"], self.cfg.head_dim, self.cfg.rope_theta)
-        seg = layout["segment"]
-        mask = seg[:, None] == seg[None, :]
         deepstack = []
-        for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, mask)
+        for i, vision_block in enumerate(self.blocks):
+            x = vision_block(x, cos, sin, layout["segment"], block)
             if i in self.cfg.deepstack_visual_indexes:
                 merger = self.deepstack_merger_list[self.cfg.deepstack_visual_indexes.index(i)]
                 deepstack.append(merger(x))
