@@ -60,6 +60,9 @@ def test_return_logits_false_and_eager_call(ckpt):
     assert shapes.logits is None and shapes.hidden_states.shape == (*ids.shape, 64)
     with pytest.raises(ValueError, match="under jit compute them with get_rope_index"):
         nnx.eval_shape(lambda m: m(jnp.asarray(ids), attention_mask=jnp.asarray(mask)), model)
+    cache = model.init_cache(1, 8).replace(index=jnp.int32(3))
+    with pytest.raises(ValueError, match="only valid for a prefill"):
+        model(jnp.asarray(ids[:, :1]), attention_mask=jnp.ones((1, 1), bool), cache=cache)
     with pytest.raises(ValueError, match="image tokens"):
         model(jnp.asarray(ids), attention_mask=jnp.asarray(mask), position_ids=jnp.zeros((3, *ids.shape), jnp.int32),
               pixel_values=jnp.asarray(pv), image_grid_thw=jnp.asarray([[1, 4, 4]]))

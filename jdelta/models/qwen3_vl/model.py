@@ -117,6 +117,9 @@ class Qwen3VLForConditionalGeneration(nnx.Module):
             if isinstance(input_ids, jax.core.Tracer) or isinstance(attention_mask, jax.core.Tracer):
                 raise ValueError("position_ids=None needs concrete input_ids; under jit compute them with "
                                  "get_rope_index(...) and pass them")
+            if cache is not None and not isinstance(cache.index, jax.core.Tracer) and int(cache.index) != 0:
+                raise ValueError("position_ids=None is only valid for a prefill (cache.index == 0); for decode "
+                                 "steps pass position_ids = cache.index + rope_deltas on all three axes")
             grids = None if image_grid_thw is None else np.asarray(image_grid_thw)
             pos, _ = get_rope_index(np.asarray(input_ids), grids, np.asarray(attention_mask), cfg)
             position_ids = jnp.asarray(pos)
