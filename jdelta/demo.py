@@ -214,7 +214,7 @@ def _overall(manifest: dict, key: str) -> str:
 
 def run_demo(out: str | Path, *, n_prompts: int = 48, seed: int = 0, n: int = 4, max_new_tokens: int = 16,
              shard_size: int = 16, batch_size: int = 8, max_pixels: int = 96 * 128, distill_steps: int = 4,
-             vocab_size: int = 512, progress: bool = True) -> dict[str, Any]:
+             vocab_size: int = 512, teacher_layers: int = 2, progress: bool = True) -> dict[str, Any]:
     from jdelta.data.records import read_jsonl, write_jsonl
     from jdelta.score import run_score
 
@@ -236,7 +236,7 @@ def run_demo(out: str | Path, *, n_prompts: int = 48, seed: int = 0, n: int = 4,
     tok = load_tokenizer(tok_dir)
     models = out / "models"
     if not (models / "student" / "config.json").is_file():
-        make_tiny_pair(models, tok, seed=seed)
+        make_tiny_pair(models, tok, seed=seed, teacher_layers=teacher_layers)
     timings["setup"] = time.perf_counter() - t0
     common = dict(n=n, temperature=1.0, max_new_tokens=max_new_tokens, batch_size=batch_size, max_pixels=max_pixels,
                   seed=seed, num_permutations=199, num_posterior_draws=400, progress=progress, notes=[RANDOM_NOTE])

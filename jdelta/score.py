@@ -459,7 +459,7 @@ class ScoreSettings(dict):
         unknown = set(kw) - set(cls.DEFAULTS)
         if unknown:
             raise TypeError(f"unknown score settings {sorted(unknown)}; known: {sorted(cls.DEFAULTS)}")
-        out = cls({**cls.DEFAULTS, **{k: v for k, v in kw.items() if v is not None or k in ("max_pixels",)}})
+        out = cls({**cls.DEFAULTS, **{k: v for k, v in kw.items() if v is not None}})
         if out["metric"] not in dv.METRICS:
             raise ValueError(f"--metric {out['metric']!r} is not one of {dv.METRICS}")
         if int(out["n"]) < 1:
@@ -470,7 +470,7 @@ class ScoreSettings(dict):
 class Scorer:
     """Teacher + student + tokenizer + processing, kept across shards (compiled programs reused)."""
 
-    def __init__(self, teacher, student, tokenizer, settings: Mapping[str, Any], *, mesh=None, source=None):
+    def __init__(self, teacher, student, tokenizer, settings: Mapping[str, Any], *, source, mesh=None):
         from jdelta.data.pipeline import PipelineConfig
         from jdelta.sampling import SamplingParams
 
@@ -486,15 +486,8 @@ class Scorer:
             on_error="skip",
         )
         self.source = source
-        self.processor = PromptProcessor(source, tokenizer, self.pipeline_config) if source is not None else None
-        pad = self.processor.special.pad if self.processor else None
-        if pad is None:
-            from jdelta.data.tokenizer import SpecialTokens
-
-            special = SpecialTokens.from_tokenizer(tokenizer)
-        else:
-            special = self.processor.special
-        self.special = special
+        self.processor = PromptProcessor(source, tokenizer, self.pipeline_config)
+        self.special = special = self.processor.special
         self.params = SamplingParams(
             temperature=float(st["temperature"]),
             top_p=float(st["top_p"]),
@@ -507,11 +500,6 @@ class Scorer:
         self.teacher_sampler = make_sampler(teacher, mesh=mesh, pad_id=special.pad, batch_size=bs)
         self.student_sampler = make_sampler(student, mesh=mesh, pad_id=special.pad, batch_size=bs)
         self.generate_calls = 0
-
-    def with_source(self, source) -> Scorer:
-        self.source = source
-        self.processor = PromptProcessor(source, self.tokenizer, self.pipeline_config)
-        return self
 
     def score_indices(self, indices: Sequence[int], key, progress=None) -> list[dict]:
         """Score the given source indices; returns one entry per index, in order."""
@@ -690,6 +678,10 @@ def report_markdown(summary: Mapping[str, Any], title: str = "jdelta score", not
     for flag in ("exact", "permutation", "posterior"):
         o = zd[flag]["overall"]
         lines.append(f"| {flag} | {o['zero_delta']} / {o['prompts']} | {_pct(o)} |")
+    lines += ["", "exact: identical empirical answer distributions. permutation: H0 (one answer distribution) not "
+              "rejected at the test level; with n samples per side the smallest attainable p-value is about "
+              "1/C(2n, n) (1/70 for n = 4), so small n rarely rejects. posterior: P(Δ_true > ε) <= the cut-off "
+              "under Dirichlet posteriors."]
     acc = summary["accuracy"]
     lines += ["", f"Sampled accuracy vs reference ({acc['with_reference']} prompts with one): "
               f"teacher {_num(acc['teacher'])}, student {_num(acc['student'])}.", ""]

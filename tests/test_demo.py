@@ -8,7 +8,7 @@ from jdelta.demo import RANDOM_NOTE, run_demo
 from jdelta.models.qwen3_vl import Qwen3VLConfig
 
 TINY = dict(n_prompts=6, n=2, max_new_tokens=6, shard_size=4, batch_size=4, max_pixels=64 * 64, vocab_size=320,
-            progress=False)
+            teacher_layers=1, progress=False)
 
 
 def test_demo_smoke_without_distillation(tmp_path, capsys):
@@ -19,6 +19,7 @@ def test_demo_smoke_without_distillation(tmp_path, capsys):
     t_cfg = Qwen3VLConfig.from_pretrained(out / "models" / "teacher")
     s_cfg = Qwen3VLConfig.from_pretrained(out / "models" / "student")
     assert t_cfg.text.hidden_size > s_cfg.text.hidden_size  # the teacher is the larger model
+    assert Qwen3VLConfig.from_pretrained(out / "models" / "teacher").tie_word_embeddings is False
     assert t_cfg.text.vocab_size == s_cfg.text.vocab_size and t_cfg.image_token_id == s_cfg.image_token_id
     for role in ("teacher", "student"):
         assert (out / "models" / role / "tokenizer.json").is_file()
