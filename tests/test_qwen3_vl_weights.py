@@ -82,6 +82,13 @@ def test_sharded_hf_checkpoint_and_bf16(ckpt, tmp_path):
     for key, value in _params(half).items():
         assert value.dtype == jnp.bfloat16, key
         np.testing.assert_array_equal(value, ref[key].astype(jnp.bfloat16))
+    # a bf16 model exports bf16 safetensors that transformers reads back bit-exactly
+    out = save_hf_checkpoint(half, config, tmp_path / "bf16")
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    hf_half = HFModel.from_pretrained(out, dtype=torch.bfloat16)
+    for key, value in hf.state_dict().items():
+        assert hf_half.state_dict()[key].dtype == torch.bfloat16
+        assert torch.equal(hf_half.state_dict()[key], value.to(torch.bfloat16)), key
 
 
 def _corrupt(src, dst, edit):

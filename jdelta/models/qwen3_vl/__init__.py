@@ -8,8 +8,10 @@ from jdelta.models.qwen3_vl.model import (
     place_visual_features,
 )
 from jdelta.models.qwen3_vl.positions import get_rope_index
+from jdelta.models.qwen3_vl.weights import CheckpointMismatchError, load_hf_checkpoint, save_hf_checkpoint
 
 __all__ = [
+    "CheckpointMismatchError",
     "KVCache",
     "Qwen3VLConfig",
     "Qwen3VLForConditionalGeneration",
@@ -17,5 +19,7 @@ __all__ = [
     "Qwen3VLTextConfig",
     "Qwen3VLVisionConfig",
     "get_rope_index",
+    "load_hf_checkpoint",
     "place_visual_features",
+    "save_hf_checkpoint",
 ]
