@@ -3,14 +3,18 @@
 The student and teacher forward passes give final hidden states ``[B, T, H_s]`` /
 ``[B, T, H_t]`` (``Qwen3VLOutput.hidden_states``) and LM heads ``[H_s, V]`` / ``[H_t, V]``
 (``model.lm_head_weight()``). The logits of both models are formed here for ``chunk_size``
-positions at a time inside ``lax.map``; each chunk's function is wrapped in
-``jax.checkpoint``, so the backward pass recomputes the chunk's logits instead of storing
-them. Peak logits memory is therefore ``O(B * chunk_size * V)`` in both passes, never
-``[B, T, V]`` (the naive loss keeps several ``[B, T, V]`` float32 buffers alive for the
-backward pass: see ``benchmarks/loss_memory.py``).
+positions at a time, never as ``[B, T, V]``:
+
+* ``backward="tiled"`` (default): a custom VJP. The forward pass keeps only per-token
+  statistics; the backward pass recomputes both models' logits on ``[B, chunk, V / n]`` tiles
+  (vocabulary tiles outer, sequence chunks inner) and writes the LM-head gradient tile by tile,
+  so neither ``[B, T, V]`` nor an ``[H, V]`` float32 temporary exists.
+* ``backward="remat"``: ``jax.checkpoint`` of each chunk under ``lax.map``, differentiated by
+  JAX (the backward pass rematerialises the chunk's logits).
 
 Gradients reach the student hidden states and the student LM head; the teacher side is under
-``stop_gradient``. Logits are accumulated in float32 whatever the input dtype.
+``stop_gradient``. Logits are accumulated in float32 whatever the input dtype. Memory figures:
+``benchmarks/loss_memory.py`` and ``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
