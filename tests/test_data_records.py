@@ -189,6 +189,8 @@ def test_make_seeds_cli(tmp_path):
     assert [r.to_json() for r in recs] == [r.to_json() for r in generate_records(30, 4, width=128, height=96)]
     with pytest.raises(SystemExit, match="already holds"):
         cli_main(argv)
+    assert cli_main(argv + ["--overwrite", "--workers", "2"]) == 0  # parallel drawing: same records
+    assert [r.to_json() for r in read_jsonl(out / "records.jsonl")] == [r.to_json() for r in recs]
     assert (
         cli_main(
             [

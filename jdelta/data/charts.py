@@ -575,9 +575,10 @@ def generate_record(
     )
 
 
-def _family_sequence(
+def family_sequence(
     n: int, seed: int, families: Sequence[str] | None, family_weights: Mapping[str, float] | None
 ) -> list[str]:
+    """The question family of each of the ``n`` records (seeded draw by ``family_weights``)."""
     fams = list(families) if families is not None else list(family_weights or FAMILIES)
     for f in fams:
         if f not in FAMILY_KINDS:
@@ -604,7 +605,7 @@ def iter_records(
 ) -> Iterator[PromptRecord]:
     """Yield records ``start .. n-1`` of the dataset defined by the arguments (see :func:`generate_records`)."""
     cfg = GeneratorConfig(width=width, height=height, difficulty=difficulty)
-    for i, fam in enumerate(_family_sequence(n, seed, families, family_weights)):
+    for i, fam in enumerate(family_sequence(n, seed, families, family_weights)):
         if i >= start:
             yield generate_record(i, seed, fam, config=cfg)
 

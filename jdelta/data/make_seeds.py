@@ -15,7 +15,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from jdelta.data.charts import FAMILIES, corpus_text, iter_records
+from jdelta.data.charts import (
+    FAMILIES,
+    GeneratorConfig,
+    corpus_text,
+    family_sequence,
+    generate_record,
+    iter_records,
+)
 from jdelta.data.records import write_array_record, write_jsonl
 
 
@@ -31,6 +38,24 @@ def _parse_mapping(text: str | None, cast, what: str) -> dict | None:
             raise ValueError(f"--{what}: unknown family {k.strip()!r}; known: {', '.join(FAMILIES)}")
         out[k.strip()] = cast(v)
     return out
+
+
+def _draw(job: tuple) -> object:
+    index, seed, family, config = job
+    return generate_record(index, seed, family, config=config)
+
+
+def _parallel_records(args, families, weights, difficulty):
+    """Records in index order, drawn by ``args.workers`` processes (each record depends only on
+    (seed, index, family), so the output equals the single-process one)."""
+    import multiprocessing
+
+    config = GeneratorConfig(width=args.width, height=args.height, difficulty=difficulty)
+    jobs = [
+        (i, args.seed, f, config) for i, f in enumerate(family_sequence(args.n, args.seed, families, weights))
+    ]
+    with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
+        yield from pool.imap(_draw, jobs, chunksize=32)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tokenizer-vocab", type=int, default=0, help="also train a demo tokenizer of this size"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="processes drawing records (output is identical)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,10 +105,13 @@ def run(args: argparse.Namespace) -> int:
     texts: list[str] = []
 
     def records():
-        gen = iter_records(
-            args.n, args.seed, families, weights, difficulty, width=args.width, height=args.height
-        )
-        for rec in tqdm(gen, total=args.n, desc="make-seeds", unit="rec"):
+        if args.workers > 1:
+            gen = _parallel_records(args, families, weights, difficulty)
+        else:
+            gen = iter_records(
+                args.n, args.seed, families, weights, difficulty, width=args.width, height=args.height
+            )
+        for rec in tqdm(gen, total=args.n, desc="make-seeds", unit="rec", mininterval=5.0):
             counts["family"][rec.family] += 1
             counts["kind"][rec.category] += 1
             counts["answer_type"][rec.answer_type] += 1
