@@ -67,6 +67,7 @@ DEFAULTS: dict[str, Any] = {
                "width": 128, "height": 96},
     "scorer": {"kind": "oracle", "failing_families": ["trend"], "n": 8, "fail_rate": 0.85,
                "teacher_noise": 0.05, "student_noise": 0.05, "metric": "tv",
+               "num_permutations": 99, "num_posterior_draws": 100,
                "teacher": None, "student": None, "tokenizer": None, "mesh": None, "settings": {}},
     "failure_modes": {"group_by": "family", "zero_delta_test": "exact", "consistency": 0.75,
                       "targets": list(fm.DEFAULT_TARGETS), "top": None},
@@ -154,6 +155,7 @@ class Pipeline:
         self.after_unit = after_unit
         self.log = log or (lambda s: None)
         self._scorer, self._writer = scorer, writer
+        self.seconds: dict[str, float] = {}  # stage -> seconds spent in this process
         self.metric = self.cfg["scorer"]["metric"]
         self._check_config(overwrite)
 
@@ -178,7 +180,9 @@ class Pipeline:
 
                 self._scorer = OraclePairScorer(sc["failing_families"], n=sc["n"], fail_rate=sc["fail_rate"],
                                                 teacher_noise=sc["teacher_noise"], student_noise=sc["student_noise"],
-                                                metric=sc["metric"], unit_pad=int(self.cfg["unit_size"]))
+                                                metric=sc["metric"], unit_pad=int(self.cfg["unit_size"]),
+                                                num_permutations=sc["num_permutations"],
+                                                num_posterior_draws=sc["num_posterior_draws"])
             elif sc["kind"] == "models":
                 from jdelta.synth.scorers import ModelPairScorer
 
@@ -209,6 +213,7 @@ class Pipeline:
         t0 = time.perf_counter()
         done = run_map_stage(d, name, items, int(self.cfg["unit_size"]), fn, process_index=self.p,
                              num_processes=self.P, wait_seconds=self.wait, after_unit=self.after_unit)
+        self.seconds[str(d.relative_to(self.dir))] = round(time.perf_counter() - t0, 3)
         self.log(f"[{name}] {d.relative_to(self.dir)}: {_short(done['counts'])} ({time.perf_counter() - t0:.1f} s)")
         return done
 
@@ -218,6 +223,7 @@ class Pipeline:
         done = run_global_stage(d, name, fn)
         if self.after_unit is not None and not was_done:
             self.after_unit(name, 0)
+        self.seconds[str(d.relative_to(self.dir))] = round(time.perf_counter() - t0, 3)
         self.log(f"[{name}] {d.relative_to(self.dir)}: {_short(done['counts'])} ({time.perf_counter() - t0:.1f} s)")
         return done
 
@@ -458,6 +464,7 @@ class Pipeline:
             "stage": "pipeline", "version": VERSION, "complete": True, "config": self.cfg,
             "scorer": self.scorer_identity(), "writer": self.writer_identity(), "stages": stages,
             "output": str(self.dir / "output"), "seconds_this_process": round(time.perf_counter() - t0, 3),
+            "seconds_by_stage": dict(self.seconds),
         }
         write_json(self.dir / "manifest.json", manifest)
         return manifest
