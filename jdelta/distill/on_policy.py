@@ -56,7 +56,8 @@ class DistillConfig:
     temperature / top_p / top_k / max_new_tokens / stop_token_ids: rollout sampling.
     pad_id: padding token id for prompts and finished rows.
     kl_temperature: temperature of both distributions in the divergence (1 in VA-OPD).
-    kl_chunk: positions per chunk in the chunked divergence (peak ``B * chunk * V`` floats).
+    kl_chunk: positions per chunk in the chunked divergence (peak ``B * chunk * V`` floats; 64 keeps
+      the loss's temp memory >= 8x below the naive one at V = 151,936, see benchmarks/RESULTS.md).
     gkd_beta: the generalized-JSD mixing weight (see :mod:`jdelta.losses` for the convention).
     gkd_lambda: probability that a step is on-policy (GKD's λ); otherwise it trains on
       ``off_policy_source`` completions: ``dataset`` (the batch's ``completion`` column,
@@ -78,7 +79,7 @@ class DistillConfig:
     stop_token_ids: tuple[int, ...] = ()
     pad_id: int = 0
     kl_temperature: float = 1.0
-    kl_chunk: int = 128
+    kl_chunk: int = 64
     gkd_beta: float = 0.5
     gkd_lambda: float = 1.0
     off_policy_source: str = "dataset"
