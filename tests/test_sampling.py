@@ -19,6 +19,7 @@ from jdelta.sampling import (
     apply_top_p,
     bucket,
     filter_logits,
+    generate,
     pad_batch,
     sample_step,
 )
@@ -175,6 +176,16 @@ def test_seeds_reproducible_and_distinct(sampler):
     assert len({tuple(r) for r in a.tokens}) == 8  # the n samples of a prompt differ
     np.testing.assert_array_equal(a.prompt_index, [0, 0, 0, 0, 1, 1, 1, 1])
     np.testing.assert_array_equal(a.sample_index, [0, 1, 2, 3] * 2)
+
+
+def test_generate_function_reuses_one_sampler(model, sampler):
+    batch = left_padded_batch(PROMPTS[:2])
+    params = SamplingParams(temperature=1.0, max_new_tokens=8, n=4)
+    a = generate(model, batch, params, rng=7, rope_index_fn=tiny_rope_index, seq_buckets=(8, 16))
+    b = generate(model, batch, params, rng=7, rope_index_fn=tiny_rope_index, seq_buckets=(8, 16))
+    np.testing.assert_array_equal(a.tokens, sampler.generate(batch, params, rng=7).tokens)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert b.stats["compiled"] == 0  # the second call reused the cached programs
 
 
 def test_shared_prefill_equals_separate_prefills(sampler):
