@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from jdelta.cli import main as cli_main
+from jdelta.data.records import read_array_record
 from jdelta.synth.manifest import WaitingForShards, check_balance, read_json, read_jsonl
 from jdelta.synth.pipeline import Pipeline, run_pipeline
 
@@ -151,11 +152,14 @@ def test_cli_pipeline_and_synthesize(tmp_path, ref):
     cfg = tmp_path / "p.yaml"
     cfg.write_text(json.dumps({**CONFIG, "rounds": 1, "source": {"n": 24, "width": 64, "height": 48}}))
     out = tmp_path / "cli"
-    assert cli_main(["pipeline", "--config", str(cfg), "--out", str(out), "synthesis.steered.n=4"]) == 0
+    assert cli_main(["pipeline", "--config", str(cfg), "--out", str(out), "synthesis.steered.n=4",
+                     "output.format=array_record"]) == 0
     m = read_json(out / "manifest.json")
     assert m["complete"] and m["config"]["synthesis"]["steered"]["n"] == 4
     assert m["stages"]["round-00/synth"]["steered_records"] == 4
     assert read_json(out / "output" / "manifest.json")["count"] == m["stages"]["output"]["out"]
+    recs = list(read_array_record(out / "output" / "records.array_record"))
+    assert len(recs) == m["stages"]["output"]["out"] and all(r.provenance.get("screening") for r in recs)
     with pytest.raises(ValueError, match="different config"):
         cli_main(["pipeline", "--config", str(cfg), "--out", str(out), "seed=9"])
     # `jdelta synthesize` from a score-like run: the reference run's seeds and their scores.

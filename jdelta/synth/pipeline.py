@@ -113,10 +113,10 @@ class ProceduralSource:
     """The chart generator as an indexable record source (family sequence fixed by n and seed)."""
 
     def __init__(self, n: int, seed: int, families=None, difficulty=2, width: int = 128, height: int = 96):
-        from jdelta.data.charts import GeneratorConfig, _family_sequence
+        from jdelta.data.charts import GeneratorConfig, family_sequence
 
         self.n, self.seed = int(n), int(seed)
-        self.families = _family_sequence(self.n, self.seed, families, None)
+        self.families = family_sequence(self.n, self.seed, families, None)
         self.config = GeneratorConfig(width=width, height=height, difficulty=difficulty)
 
     def __len__(self) -> int:
