@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -248,9 +249,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    run_eval(args.model, args.data, args.out, metric=args.metric, n=args.n, temperature=args.temperature,
-             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, max_pixels=args.max_pixels,
-             seed=args.seed, limit=args.limit, tokenizer=args.tokenizer, mesh=args.mesh,
-             progress=not args.no_progress)
+    try:
+        run_eval(args.model, args.data, args.out, metric=args.metric, n=args.n, temperature=args.temperature,
+                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, max_pixels=args.max_pixels,
+                 seed=args.seed, limit=args.limit, tokenizer=args.tokenizer, mesh=args.mesh,
+                 progress=not args.no_progress)
+    except (FileNotFoundError, ValueError) as e:  # bad input: one clear line, no traceback
+        print(f"jdelta eval: error: {e}", file=sys.stderr)
+        return 2
     print((Path(args.out) / "results.md").read_text())
     return 0

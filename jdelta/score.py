@@ -31,6 +31,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -916,6 +917,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-posterior", type=float, default=0.5, help="posterior test: zero if P <= this")
     parser.add_argument("--level", type=float, default=0.05, help="permutation test level")
     parser.add_argument("--num-permutations", type=int, default=999)
+    parser.add_argument("--num-posterior-draws", type=int, default=1000)
     parser.add_argument("--max-pixels", type=int, default=None, help="image pixel budget (default Qwen3-VL's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mesh", default=None, help="e.g. fsdp=4,tensor=2 (default: one device)")
@@ -925,14 +927,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    manifest = run_score(
-        args.teacher, args.student, args.prompts, args.out, shard_size=args.shard_size, tokenizer=args.tokenizer,
-        mesh=args.mesh, max_shards=args.max_shards, overwrite=args.overwrite, progress=not args.no_progress,
-        n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, metric=args.metric, epsilon=args.epsilon,
-        max_posterior=args.max_posterior, level=args.level, num_permutations=args.num_permutations,
-        max_pixels=args.max_pixels, seed=args.seed,
-    )
+    try:
+        manifest = run_score(
+            args.teacher, args.student, args.prompts, args.out, shard_size=args.shard_size,
+            tokenizer=args.tokenizer, mesh=args.mesh, max_shards=args.max_shards, overwrite=args.overwrite,
+            progress=not args.no_progress, n=args.n, temperature=args.temperature, top_p=args.top_p,
+            top_k=args.top_k, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, metric=args.metric,
+            epsilon=args.epsilon, max_posterior=args.max_posterior, level=args.level,
+            num_permutations=args.num_permutations, num_posterior_draws=args.num_posterior_draws,
+            max_pixels=args.max_pixels, seed=args.seed,
+        )
+    except (FileNotFoundError, ValueError) as e:  # bad input: one clear line, no traceback
+        print(f"jdelta score: error: {e}", file=sys.stderr)
+        return 2
     c = manifest["counts"]
     print(f"{c['input']} prompts: {c['scored']} scored, {c['skipped']} skipped {c['skipped_by_reason'] or ''}"
           f", {c['remaining']} remaining")

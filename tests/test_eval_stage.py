@@ -95,10 +95,12 @@ def test_eval_cli_on_tiny_random_model(setup, tmp_path, capsys):
     assert "| **average** |" in capsys.readouterr().out
 
 
-def test_bad_data_spec_is_a_clear_error(setup, tmp_path):
+def test_bad_data_spec_is_a_clear_error(setup, tmp_path, capsys):
     root, seeds, model, _ = setup
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ev.run_eval(root / "model", str(tmp_path / "missing.jsonl"), tmp_path / "o", progress=False)
+    rc = main(["eval", "--model", str(model), "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path)])
+    assert rc == 2 and "missing.jsonl does not exist" in capsys.readouterr().err
     with pytest.raises(ValueError, match="repeat"):
         ev.parse_data_spec(f"{seeds},{seeds}")
     with pytest.raises(SystemExit):

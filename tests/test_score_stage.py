@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from jdelta import divergence as dv
+from jdelta.cli import main
 from jdelta.data.records import read_jsonl, write_jsonl
 from jdelta.demo import make_seeds, make_tiny_pair, make_tokenizer
 from jdelta.score import delta_records, run_score, score_prompts
@@ -107,8 +108,13 @@ def test_score_counts_add_up_and_resume(setup, tmp_path):
     assert manifest["config"]["teacher"]["config_sha256"] and manifest["config"]["settings"]["n"] == 2
 
     # Same settings reproduce the same samples: an uninterrupted run writes identical records.
-    fresh = run_score(teacher, student, prompts, tmp_path / "fresh", shard_size=2, **SETTINGS)
-    assert fresh["complete"]
+    # (through the command line this time)
+    rc = main(["score", "--teacher", str(teacher), "--student", str(student), "--prompts", str(prompts),
+               "--out", str(tmp_path / "fresh"), "--shard-size", "2", "--n", "2", "--max-new-tokens", "6",
+               "--batch-size", "4", "--max-pixels", str(64 * 64), "--num-permutations", "99",
+               "--num-posterior-draws", "100", "--no-progress"])
+    assert rc == 0
+    assert json.loads((tmp_path / "fresh" / "manifest.json").read_text())["complete"]
     strip = lambda es: [e if e["status"] == "scored" else (e["id"], e["reason"]) for e in es]
     assert strip(_entries(tmp_path / "fresh")) == strip(entries)
 
@@ -151,12 +157,31 @@ def test_delta_records_on_known_answers():
     assert noref["delta"]["tv"] == 0.5 and noref["reference"] is None and noref["teacher_accuracy"] is None
 
 
-def test_bad_prompts_file_is_a_clear_error(setup, tmp_path):
+def test_bad_prompts_file_is_a_clear_error(setup, tmp_path, capsys):
     _, _, teacher, student, _ = setup
     with pytest.raises(ValueError, match="unknown records format"):
         run_score(teacher, student, tmp_path / "prompts.csv", tmp_path / "out", **SETTINGS)
+    (tmp_path / "p.csv").write_text("x")
+    rc = main(["score", "--teacher", str(teacher), "--student", str(student), "--prompts", str(tmp_path / "p.csv"),
+               "--out", str(tmp_path / "o")])
+    assert rc == 2 and "unknown records format" in capsys.readouterr().err
     write_jsonl([], tmp_path / "empty.jsonl")
     with pytest.raises(ValueError, match="no prompt records"):
         run_score(teacher, student, tmp_path / "empty.jsonl", tmp_path / "out2", **SETTINGS)
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         run_score(tmp_path, student, prompts_of(setup), tmp_path / "out3", **SETTINGS)
+
+
+@pytest.mark.slow
+def test_score_on_a_mesh(setup):
+    """Sharded models and prompts (8 host CPU devices as data x fsdp) give valid, complete entries."""
+    from jdelta.score import parse_mesh
+
+    root, _, teacher, student, tok = setup
+    records = list(read_jsonl(root / "seeds" / "records.jsonl"))[:4]
+    settings = {k: v for k, v in SETTINGS.items() if k != "progress"}
+    rows = score_prompts(teacher, student, records, tokenizer=tok, mesh=parse_mesh("data=2,fsdp=4"), **settings)
+    assert [r["id"] for r in rows] == [r.id for r in records]
+    for r in rows:
+        assert r["status"] == "scored" and r["n_teacher"] == 2 and r["n_student"] == 2
+        assert 0.0 <= r["delta"]["tv"] <= 1.0
