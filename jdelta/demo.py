@@ -263,6 +263,8 @@ def run_demo(out: str | Path, *, n_prompts: int = 48, seed: int = 0, n: int = 4,
                                 shard_size=shard_size, **common)
             timings["rescore"] = time.perf_counter() - t3
             rows.append(("after distillation", out / "rescore", rescore))
+        else:
+            print("every prompt is zero-Δ: nothing to distill on", flush=True)
     elif distill_steps > 0:
         print("\njdelta.distill is not available in this install: skipping the distillation step", flush=True)
 
