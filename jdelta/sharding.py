@@ -70,7 +70,7 @@ def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[jax.Devi
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
         if math.prod(sizes) > len(devices):
-            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}")
+            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs {math.prod(sizes)} devices, have {len(devices)}")
         devices = devices[: math.prod(sizes)]
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
