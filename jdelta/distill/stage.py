@@ -4,7 +4,8 @@ Config sections (see ``configs/distill_demo.yaml``)::
 
     run_dir: where metrics.jsonl, tensorboard/, checkpoints/ and the export go
     method: on_policy | sft
-    student / teacher: {path: HF checkpoint dir} or {random: {hidden, layers, vocab, seed, logit_scale}}
+    student / teacher: {path: HF checkpoint dir, remat_policy, attention_impl}
+                       or {random: {hidden, layers, vocab, seed, logit_scale}}
     dtype: checkpoint compute dtype override (e.g. bfloat16), optional
     mesh: {data, fsdp, tensor} (default: one device)
     data: {source: synthetic | records | sft_jsonl, path, tokenizer, batch_size, seed, pipeline: {...}}
@@ -42,9 +43,12 @@ def _load_model(spec: dict[str, Any], role: str, mesh, dtype: str | None):
     if spec.get("path"):
         from jdelta.models.qwen3_vl.weights import load_hf_checkpoint
 
-        kwargs = {"mesh": mesh}
+        kwargs: dict[str, Any] = {"mesh": mesh}
         if dtype:
             kwargs["dtype"] = dtype
+        for key in ("remat_policy", "attention_impl"):  # jdelta-side model settings
+            if spec.get(key):
+                kwargs[key] = spec[key]
         return load_hf_checkpoint(spec["path"], **kwargs)
     if spec.get("random"):
         r = dict(spec["random"])
