@@ -123,6 +123,20 @@ def test_mismatched_checkpoint_fails_with_clear_message(ckpt, tmp_path):
         load_hf_checkpoint(tmp_path)
 
 
+def test_legacy_key_layout_loads(ckpt, tmp_path):
+    _, model, _, path = ckpt
+
+    def to_legacy(t):
+        for key in list(t):
+            new = key.replace("model.visual.", "visual.").replace("model.language_model.", "model.")
+            t[new] = t.pop(key)
+
+    _corrupt(path, tmp_path / "legacy", to_legacy)
+    legacy, _ = load_hf_checkpoint(tmp_path / "legacy")
+    for key, value in _params(model).items():
+        np.testing.assert_array_equal(_params(legacy)[key], value)
+
+
 def test_mesh_fsdp4_tensor2_matches_single_device(ckpt):
     hf, model, _, path = ckpt
     mesh = make_mesh({"fsdp": 4, "tensor": 2})

@@ -78,9 +78,27 @@ class _TensorSource:
         return np.memmap(self.file, dtype=self.dtype, mode="r", offset=self.data_start + start, shape=self.shape)
 
 
+# Older Qwen-VL layouts (pre transformers 4.52) -> the current ``model.visual`` /
+# ``model.language_model`` layout.
+_LEGACY_PREFIXES = (
+    ("visual.", "model.visual."),
+    ("model.layers.", "model.language_model.layers."),
+    ("model.embed_tokens.", "model.language_model.embed_tokens."),
+    ("model.norm.", "model.language_model.norm."),
+)
+
+
+def _canonical_key(key: str) -> str:
+    for old, new in _LEGACY_PREFIXES:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
 def checkpoint_tensors(path: str | Path) -> dict[str, _TensorSource]:
     """All tensors of a checkpoint directory: ``model.safetensors``, or the shards listed in
-    ``model.safetensors.index.json``, or every ``*.safetensors`` file."""
+    ``model.safetensors.index.json``, or every ``*.safetensors`` file. Keys in the older
+    ``visual.*`` / ``model.layers.*`` layout are renamed to the current one."""
     path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -101,6 +119,7 @@ def checkpoint_tensors(path: str | Path) -> dict[str, _TensorSource]:
             raise FileNotFoundError(f"{file}: listed in {index.name} but missing")
         header, start = read_safetensors_header(file)
         for key, entry in header.items():
+            key = _canonical_key(key)
             if key in out:
                 raise ValueError(f"{file}: tensor {key!r} also in {out[key].file}")
             out[key] = _TensorSource(file, entry, start)
