@@ -147,6 +147,7 @@ class Pipeline:
         after_unit: Callable[[str, int], None] | None = None,
         overwrite: bool = False,
         log: Callable[[str], None] | None = print,
+        progress: bool = False,
     ):
         self.dir = Path(run_dir)
         self.cfg = merge(DEFAULTS, config)
@@ -154,6 +155,7 @@ class Pipeline:
         self.p, self.P, self.wait = int(process_index), int(num_processes), float(wait_seconds)
         self.after_unit = after_unit
         self.log = log or (lambda s: None)
+        self.progress = progress
         self._scorer, self._writer = scorer, writer
         self.seconds: dict[str, float] = {}  # stage -> seconds spent in this process
         self.metric = self.cfg["scorer"]["metric"]
@@ -211,8 +213,18 @@ class Pipeline:
 
     def _map(self, d: Path, name: str, items, fn) -> dict:
         t0 = time.perf_counter()
-        done = run_map_stage(d, name, items, int(self.cfg["unit_size"]), fn, process_index=self.p,
-                             num_processes=self.P, wait_seconds=self.wait, after_unit=self.after_unit)
+        bar = None
+        if self.progress and not stage_done(d):
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(items), desc=f"{d.parent.name}/{name}", unit="item", dynamic_ncols=True, leave=False)
+        try:
+            done = run_map_stage(d, name, items, int(self.cfg["unit_size"]), fn, process_index=self.p,
+                                 num_processes=self.P, wait_seconds=self.wait, after_unit=self.after_unit,
+                                 progress=bar.update if bar is not None else None)
+        finally:
+            if bar is not None:
+                bar.close()
         self.seconds[str(d.relative_to(self.dir))] = round(time.perf_counter() - t0, 3)
         self.log(f"[{name}] {d.relative_to(self.dir)}: {_short(done['counts'])} ({time.perf_counter() - t0:.1f} s)")
         return done
@@ -456,18 +468,23 @@ class Pipeline:
         """Run (or resume) every stage; returns the run manifest. Raises :class:`WaitingForShards`."""
         t0 = time.perf_counter()
         stages: dict[str, Any] = {}
+
+        def manifest(complete: bool) -> dict:
+            m = {
+                "stage": "pipeline", "version": VERSION, "complete": complete, "config": self.cfg,
+                "scorer": self.scorer_identity(), "writer": self.writer_identity(), "stages": stages,
+                "output": str(self.dir / "output"), "seconds_this_process": round(time.perf_counter() - t0, 3),
+                "seconds_by_stage": dict(self.seconds),
+            }
+            write_json(self.dir / "manifest.json", m)
+            return m
+
         for r in range(int(self.cfg["rounds"])):
             for name in ("seeds", "score", "modes", "synth", "screen_score", "screen"):
                 stages[f"round-{r:02d}/{name}"] = getattr(self, f"stage_{name}")(r)["counts"]
+                manifest(False)
         stages["output"] = self.stage_output()["counts"]
-        manifest = {
-            "stage": "pipeline", "version": VERSION, "complete": True, "config": self.cfg,
-            "scorer": self.scorer_identity(), "writer": self.writer_identity(), "stages": stages,
-            "output": str(self.dir / "output"), "seconds_this_process": round(time.perf_counter() - t0, 3),
-            "seconds_by_stage": dict(self.seconds),
-        }
-        write_json(self.dir / "manifest.json", manifest)
-        return manifest
+        return manifest(True)
 
 
 def _shares(c: Counter) -> dict[str, float]:
@@ -496,6 +513,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wait", type=float, default=0.0,
                         help="seconds to wait for other processes' units before exiting (exit code 3)")
     parser.add_argument("--overwrite", action="store_true", help="accept a changed config in an existing run dir")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
 
 
@@ -503,7 +521,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     try:
         manifest = run_pipeline(args.out, cfg, process_index=args.process_index, num_processes=args.num_processes,
-                                wait_seconds=args.wait, overwrite=args.overwrite)
+                                wait_seconds=args.wait, overwrite=args.overwrite, progress=not args.no_progress)
     except WaitingForShards as e:
         print(f"jdelta pipeline: {e}", file=sys.stderr)
         return 3
