@@ -85,3 +85,26 @@ def test_config_roundtrip(ckpt):
     d["text_config"]["rope_parameters"]["mrope_section"] = [2, 2, 2]
     with pytest.raises(ValueError, match="mrope_section"):
         Qwen3VLConfig.from_hf_dict(d)
+
+
+def test_layer_hook_sees_every_layer_and_changes_the_output(ckpt):
+    _, model, config, _ = ckpt
+    ids, mask, pv, grid = make_batch(CASES["one_image"])
+    pos, _ = get_rope_index(ids, grid, mask, config)
+    seen = []
+
+    def record(i, hidden, visual_mask, attention_mask):
+        seen.append((i, hidden.shape, visual_mask.shape, attention_mask.shape))
+        return hidden
+
+    nnx.eval_shape(lambda m: m(jnp.asarray(ids), attention_mask=jnp.asarray(mask), position_ids=jnp.asarray(pos),
+                               pixel_values=jnp.asarray(pv), image_grid_thw=jnp.asarray(grid), layer_hook=record), model)
+    assert [s[0] for s in seen] == list(range(config.text.num_hidden_layers))
+    assert all(s[1] == (*ids.shape, 64) and s[2] == ids.shape and s[3] == ids.shape for s in seen)
+
+    def zero_last(i, hidden, visual_mask, attention_mask):
+        return hidden * 0.0 if i == config.text.num_hidden_layers - 1 else hidden
+
+    out = nnx.jit(lambda m, ids, mask, pos: m(ids, attention_mask=mask, position_ids=pos, layer_hook=zero_last))(
+        model, jnp.asarray(ids[:, :4]), jnp.asarray(mask[:, :4]), jnp.asarray(pos[:, :, :4]))
+    np.testing.assert_array_equal(np.asarray(out.hidden_states), 0.0)

@@ -105,9 +105,22 @@ class Qwen3VLForConditionalGeneration(nnx.Module):
                  pixel_values: jax.Array | None = None, image_grid_thw: jax.Array | None = None,
                  cache: KVCache | None = None, return_logits: bool = True,
                  layer_hook: LayerHook | None = None) -> Qwen3VLOutput:
-        """Forward pass. Shapes: ``input_ids, attention_mask [B, S]``; ``position_ids [3, B, S]``
-        (computed on the host with ``get_rope_index`` when None, so pass them under jit);
-        ``pixel_values [P, C*T*ps*ps]``; ``image_grid_thw [N, 3]`` (zero rows = padding)."""
+        """Forward pass.
+
+        Args:
+          input_ids, attention_mask: ``[B, S]``, left-padded (mask 1 = real token).
+          position_ids: ``[3, B, S]`` M-RoPE positions; None computes them on the host with
+            ``get_rope_index`` (prefill only, not under jit).
+          pixel_values: ``[P, C*T*ps*ps]``, all images of the batch in order, optionally padded
+            with extra rows; image_grid_thw: ``[N, 3]``, optionally padded with ``(0, 0, 0)``.
+          cache: a ``KVCache``; this call's keys/values go to slots ``index .. index+S-1``.
+          return_logits: False skips the LM head (``logits=None``; use ``hidden_states`` with
+            ``lm_head_weight()`` for chunked losses).
+          layer_hook: ``hook(i, hidden [B,S,H], visual_mask [B,S], attention_mask [B,S]) -> hidden``
+            called after decoder layer ``i`` (e.g. ViCuR's cue-recovery module).
+        Returns:
+          ``Qwen3VLOutput(logits [B,S,V] | None, hidden_states [B,S,H], cache | None, rope_deltas [B])``.
+        """
         cfg = self.config
         b, s = input_ids.shape
         if attention_mask.shape != (b, s):
