@@ -173,3 +173,29 @@ def test_cli_pipeline_and_synthesize(tmp_path, ref):
     # Same modes and the same candidates as the pipeline's round 0 (same code path, same seed).
     assert (out2 / "candidates.jsonl").read_bytes() == (run_ref / "round-00" / "synth" / "out.jsonl").read_bytes()
     assert read_json(out2 / "round-00" / "modes" / "modes.json") == read_json(run_ref / "round-00" / "modes" / "modes.json")
+
+
+def test_chartqa_layout_seed_source_counts_bad_rows(tmp_path):
+    from jdelta.data.charts import generate_records
+
+    recs = generate_records(6, 1, width=64, height=48)
+    rows = []
+    for i, r in enumerate(recs):
+        img = tmp_path / f"img{i}.png"
+        img.write_bytes(r.images[0])
+        rows.append({"imgname": str(img), "query": r.question, "label": r.answer})
+    rows.insert(2, {"imgname": str(tmp_path / "img0.png"), "query": "What is shown?"})  # no label
+    src = tmp_path / "chartqa.jsonl"
+    src.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    cfg = {**CONFIG, "rounds": 1, "source": {"kind": "records", "path": str(src), "layout": "chartqa"},
+           "scorer": {"failing_families": ["chartqa"]}, "synthesis": {"writer": {"seeds": 4, "k": 2},
+                                                                      "steered": {"n": 2, "width": 64, "height": 48}}}
+    m = run_pipeline(tmp_path / "run", cfg, log=None)
+    st = m["stages"]
+    assert st["round-00/seeds"]["in"] == 7 and st["round-00/seeds"]["out"] == 6
+    assert st["round-00/seeds"]["dropped"] == {"missing_field": 1}
+    modes = read_json(tmp_path / "run" / "round-00" / "modes" / "modes.json")
+    assert modes["modes"][0]["group"] == "chartqa" and modes["modes"][0]["outcome"] == "student_wrong_teacher_right"
+    assert read_json(tmp_path / "run" / "round-00" / "modes" / "jobs.json")["steering"]["uniform"]
+    for name, c in st.items():
+        check_balance(c, name)

@@ -63,8 +63,8 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "rounds": 1,
     "unit_size": 64,
-    "source": {"kind": "procedural", "path": None, "n": 256, "families": None, "difficulty": 2,
-               "width": 128, "height": 96},
+    "source": {"kind": "procedural", "path": None, "layout": None, "split": None, "n": 256, "families": None,
+               "difficulty": 2, "width": 128, "height": 96},
     "scorer": {"kind": "oracle", "failing_families": ["trend"], "n": 8, "fail_rate": 0.85,
                "teacher_noise": 0.05, "student_noise": 0.05, "metric": "tv",
                "num_permutations": 99, "num_posterior_draws": 100,
@@ -129,6 +129,33 @@ class ProceduralSource:
         from jdelta.data.charts import generate_record
 
         return generate_record(index, self.seed, self.families[index], config=self.config)
+
+
+def open_source(src: Mapping[str, Any]):
+    """A record source from the ``source`` config (kinds other than ``procedural``).
+
+    ``records``: jdelta records (``.jsonl``, ``.array_record`` or a dataset dir); with ``layout``
+    (``chartqa``, ``docvqa``, ``infovqa``, ``ai2d``, ``charxiv``) a ``.jsonl`` / ``.json`` file of
+    that benchmark's dicts. ``tfds``: a prepared TFDS builder dir (``split``, ``layout``).
+    ``hf_disk``: a Hugging Face ``save_to_disk`` dir (``layout``, optional ``split``).
+    """
+    from jdelta.data import records as rd
+
+    kind, path, layout = src.get("kind"), src.get("path"), src.get("layout") or "jdelta"
+    if not path:
+        raise ValueError(f"source.kind={kind} needs source.path")
+    if kind == "records" and layout == "jdelta":
+        return rd.open_records(path)
+    if kind == "records":
+        p = Path(path)
+        text = p.read_text(encoding="utf-8")
+        items = json.loads(text) if p.suffix == ".json" else [json.loads(x) for x in text.splitlines() if x.strip()]
+        return rd.MappedSource(items, layout, p.name)
+    if kind == "tfds":
+        return rd.tfds_source(path, src.get("split") or "train", layout)
+    if kind == "hf_disk":
+        return rd.hf_disk_source(path, layout, src.get("split"))
+    raise ValueError(f"source.kind must be procedural, records, tfds or hf_disk; got {kind!r}")
 
 
 class Pipeline:
@@ -267,14 +294,8 @@ class Pipeline:
         if src_cfg["kind"] == "procedural":
             source = ProceduralSource(src_cfg["n"], self.seed, src_cfg["families"], src_cfg["difficulty"],
                                       src_cfg["width"], src_cfg["height"])
-        elif src_cfg["kind"] == "records":
-            from jdelta.data.records import open_records
-
-            if not src_cfg["path"]:
-                raise ValueError("source.kind=records needs source.path (a .jsonl, .array_record or dataset dir)")
-            source = open_records(src_cfg["path"])
         else:
-            raise ValueError(f"source.kind must be 'procedural' or 'records', got {src_cfg['kind']!r}")
+            source = open_source(src_cfg)
 
         def fn(indices, u):
             out, dropped = [], Counter()
