@@ -40,7 +40,6 @@ def _config(seeds, teacher, student):
     }
 
 
-@pytest.mark.slow
 def test_model_pair_pipeline_counts_identities_and_resume(pair, tmp_path):
     root, seeds, teacher, student = pair
     cfg = _config(seeds, teacher, student)
@@ -72,3 +71,21 @@ def test_model_pair_pipeline_counts_identities_and_resume(pair, tmp_path):
     assert st["round-00/screen"]["out"] == st["round-00/screen"]["in"] - sum(st["round-00/screen"]["dropped"].values())
     recs = read_jsonl(tmp_path / "a" / "output" / "records.jsonl")
     assert len(recs) == st["output"]["out"] and all("screening" in r["provenance"] for r in recs)
+
+
+def test_synthesize_from_a_score_run_with_the_teacher_writer(pair, tmp_path):
+    from jdelta.score import run_score
+    from jdelta.synth.synthesize import SynthesizeFromScores
+
+    root, seeds, teacher, student = pair
+    cfg = _config(seeds, teacher, student)
+    run_score(teacher, student, seeds, tmp_path / "score", shard_size=4, progress=False,
+              **cfg["scorer"]["settings"])
+    m = SynthesizeFromScores(tmp_path / "syn", cfg, scores=tmp_path / "score", log=None).run()
+    st = m["stages"]
+    assert st["seeds"]["out"] == 6 and st["score"]["out"] == 6
+    assert st["synth"]["writer_generations"] == st["modes"]["writer_jobs"] > 0
+    cands = read_jsonl(tmp_path / "syn" / "candidates.jsonl")
+    assert len(cands) == st["synth"]["out"]
+    for name, c in st.items():
+        check_balance(c, name)
