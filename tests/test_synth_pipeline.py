@@ -162,6 +162,11 @@ def test_cli_pipeline_and_synthesize(tmp_path, ref):
     assert len(recs) == m["stages"]["output"]["out"] and all(r.provenance.get("screening") for r in recs)
     with pytest.raises(ValueError, match="different config"):
         cli_main(["pipeline", "--config", str(cfg), "--out", str(out), "seed=9"])
+    first = (out / "output" / "records.array_record").read_bytes()
+    assert cli_main(["pipeline", "--config", str(cfg), "--out", str(out), "--overwrite", "seed=9",
+                     "synthesis.steered.n=4", "output.format=array_record", "--no-progress"]) == 0
+    assert read_json(out / "manifest.json")["config"]["seed"] == 9
+    assert (out / "output" / "records.array_record").read_bytes() != first
     # `jdelta synthesize` from a score-like run: the reference run's seeds and their scores.
     run_ref = ref[0]
     prompts = run_ref / "round-00" / "seeds" / "out.jsonl"

@@ -197,7 +197,14 @@ class Pipeline:
         if p.is_file() and json.dumps(read_json(p), sort_keys=True, default=str) != want:
             if not overwrite:
                 raise ValueError(f"{self.dir} holds a pipeline run with a different config; use a new run "
-                                 "directory (or --overwrite after removing it)")
+                                 "directory or --overwrite to discard that run's stages")
+            import shutil
+
+            for d in [*self.dir.glob("round-[0-9][0-9]"), self.dir / "output", self.dir / "manifest.json"]:
+                if d.is_dir():
+                    shutil.rmtree(d)
+                elif d.exists():
+                    d.unlink()
         write_atomic(p, json.dumps(self.cfg, indent=2, sort_keys=True, default=str) + "\n")
 
     @property
@@ -533,7 +540,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--process-index", type=int, default=0, help="this process's shard (0-based)")
     parser.add_argument("--wait", type=float, default=0.0,
                         help="seconds to wait for other processes' units before exiting (exit code 3)")
-    parser.add_argument("--overwrite", action="store_true", help="accept a changed config in an existing run dir")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="the run dir holds a run with another config: discard its stages and start over")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
 
