@@ -43,6 +43,9 @@ def test_parser_accepts_well_formed_and_lenient_formats():
     ("gen", "reason", "n_ok"),
     [
         ("I cannot help with that.", "no_questions", 0),
+        ("<think>Q1: What is the value of Fig?\nA1: 4 maybe", "no_questions", 0),
+        ("<think>Q1: draft?</think>Q1: What is the value of Fig shown?\nA1: 4\nQ2: What is the value of Fig shown?\nA2: 4",
+         "duplicate", 1),
         ("", "no_questions", 0),
         ("Q1: What is the value of Fig shown?\nA1: 4\nQ2: What is the value of Lime", "half_question", 1),
         ("Q1: What is the value of Fig shown?\nA1: 4\nQ2: What is the value of Fig shown?\nA2: 4", "duplicate", 1),

@@ -152,6 +152,8 @@ def parse_generation(
     Every question-shaped piece of ``text`` ends as exactly one accepted pair or one rejection
     (plus ``no_questions`` once for a generation without any question).
     """
+    # A thinking model's reasoning (closed or cut off) is not part of the answer.
+    text = re.sub(r"<think>.*?(</think>|$)", "", text, flags=re.DOTALL)
     pairs, rejects = split_pairs(text)
     if not pairs:
         rejects["no_questions"] += 1
