@@ -8,13 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from PIL import Image
 
 from jdelta.losses import (
     high_count,
     high_va_mask,
     opd_loss,
-    pixelate_image,
     rollout_weights,
     va_opd_loss,
     va_opd_token_coefficients,
@@ -189,21 +187,3 @@ def test_bad_input():
         va_opd_loss(lp[:, :-1], lpp, kl, mask, rollouts_per_prompt=K)
     loss, _ = jax.jit(lambda m: va_opd_loss(lp, lpp, kl, m, rollouts_per_prompt=K))(np.zeros_like(mask))
     assert np.isnan(loss)
-
-
-def test_pixelate_image():
-    r = np.random.default_rng(0)
-    img = Image.fromarray(r.integers(0, 256, size=(57, 103, 3), dtype=np.uint8))
-    out = pixelate_image(img)
-    assert out.size == img.size and out.mode == img.mode
-    arr = np.asarray(out)
-    # 10 x 5 blocks (floor(103 * 0.1), floor(57 * 0.1)), each constant
-    assert len(np.unique(arr.reshape(-1, 3), axis=0)) <= 10 * 5
-    small = np.asarray(img.resize((10, 5), Image.Resampling.BILINEAR))
-    np.testing.assert_array_equal(arr[0, 0], small[0, 0])
-    np.testing.assert_array_equal(arr[-1, -1], small[-1, -1])
-    assert np.abs(arr.astype(int) - np.asarray(img).astype(int)).mean() > 20  # detail is gone
-    tiny = Image.fromarray(r.integers(0, 256, size=(4, 6), dtype=np.uint8))  # min 1 px per side
-    assert len(np.unique(np.asarray(pixelate_image(tiny)))) == 1
-    pal = img.convert("P")
-    assert pixelate_image(pal).mode == "P"

@@ -3,7 +3,7 @@
 Definitions follow ``METHODS.md`` (the authors' public code, ``va_opd/objective.py``):
 
 * The teacher scores each student rollout twice: with the original image and with a
-  *pixelated* copy (:func:`pixelate_image`: bilinear down to 10% per side, nearest back up, so
+  *pixelated* copy (:func:`jdelta.data.pixelate`: bilinear down to 10% per side, nearest back up, so
   the visual-token layout is unchanged). The pixelated view only serves the visual advantage;
   the KL target is always the teacher on the original image.
 * Visual advantage of response token ``t`` (stop-gradient):
@@ -42,7 +42,6 @@ class VAOPDConfig:
     weight_temperature: float = 1.0  # τ_w of the rollout-weight softmax
     high_fraction: float = 0.2  # share of a response's tokens in the high-VA group (ceil)
     eps: float = 1e-6  # added to the population std in the z-score
-    pixelate_ratio: float = 0.1  # side ratio of the pixelated image
 
 
 def visual_advantage(
@@ -253,24 +252,3 @@ def va_opd_token_coefficients(
     return jax.grad(
         lambda kl: va_opd_loss(teacher_logprobs, teacher_logprobs_pixelated, kl, response_mask, **kwargs)[0]
     )(jnp.zeros(response_mask.shape, jnp.float32))
-
-
-def pixelate_image(image, ratio: float = 0.1):
-    """The VA-OPD counterfactual view of a PIL image: same size and mode, fine detail removed.
-
-    Bilinear downsample of each side to ``floor(side * ratio)`` pixels (at least 1), then
-    nearest-neighbour upsample back to the original size (as in the authors' ``pixelate_image``).
-    Palette (``P``) and 1-bit images are resized in RGB / L and converted back. Host side (PIL).
-    """
-    from PIL import Image
-
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"pixelate_image expects a PIL image, got {type(image).__name__}")
-    if not 0.0 < ratio <= 1.0:
-        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
-    width, height = image.size
-    source = image.convert("RGB") if image.mode == "P" else image.convert("L") if image.mode == "1" else image
-    small = source.resize((max(1, int(width * ratio)), max(1, int(height * ratio))), Image.Resampling.BILINEAR)
-    out = small.resize(image.size, Image.Resampling.NEAREST)
-    return out.convert(image.mode) if out.mode != image.mode else out
-
