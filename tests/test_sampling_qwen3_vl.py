@@ -9,18 +9,14 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from transformers import Qwen3VLConfig as HFConfig
-from transformers import Qwen3VLForConditionalGeneration as HFModel
+from qwen3_vl_tiny import IMG, PAD, PATCH_DIM, VEND, VSTART, tiny_checkpoint
 
-from jdelta.models.qwen3_vl.weights import load_hf_checkpoint
 from jdelta.sampling import Sampler, SamplingParams
 from jdelta.scoring import score_completions
 from jdelta.sharding import make_mesh
 
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 
-IMG, VSTART, VEND, PAD = 250, 252, 253, 0
-PATCH_DIM = 3 * 2 * 16 * 16
 STEPS = 6
 CASES = {
     "text_only": [[9]],
@@ -30,32 +26,10 @@ CASES = {
 }
 
 
-def tiny_hf_config():
-    return HFConfig(
-        text_config=dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
-                         rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0,
-                                          "mrope_section": [2, 3, 3], "mrope_interleaved": True}),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
-                           deepstack_visual_indexes=[0, 1]),
-        image_token_id=IMG, video_token_id=251, vision_start_token_id=VSTART, vision_end_token_id=VEND,
-        tie_word_embeddings=True)
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    hf = HFModel(tiny_hf_config()).eval()
-    with torch.no_grad():  # std 0.1 (HF's 0.02 gives near-uniform logits: greedy would be tie-breaking)
-        for name, p in hf.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0.0, 0.1)
-    path = tmp_path_factory.mktemp("qwen3vl_sampling")
-    hf.save_pretrained(path)
-    model, _ = load_hf_checkpoint(path)
+    # std-0.1 weights (HF's 0.02 gives near-uniform logits: greedy would be tie-breaking)
+    hf, model, _, _ = tiny_checkpoint(tmp_path_factory.mktemp("qwen3vl_sampling"))
     return hf, model
 
 
