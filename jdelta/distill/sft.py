@@ -9,13 +9,16 @@ in chunks over the sequence, each chunk rematerialised in the backward pass, so
 Input: batches with left-padded prompts (``input_ids``, ``attention_mask``, optional
 ``pixel_values``/``image_grid_thw`` in the model layout) and right-padded responses
 ``completion [B, T]`` with ``completion_length [B]``. :func:`sft_batches` builds such a
-checkpointable Grain iterator from pre-tokenised records.
+checkpointable Grain iterator from pre-tokenised records; :func:`sample_sft_batches` builds
+one from ``jdelta sample`` output joined to its prompt records (images included), the
+prompts rebuilt by the prompt pipeline (chat template, image processing) as the sampler did.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -40,6 +43,8 @@ from jdelta.distill.on_policy import (
 )
 from jdelta.distill.train_state import TrainState
 from jdelta.sharding import Rules, activation_sharding
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,3 +194,163 @@ def sft_batches(records: Sequence[Mapping[str, Any]], *, batch_size: int, seed: 
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat().batch(batch_size, drop_remainder=True, batch_fn=lambda rs: collate_sft(rs, pad_id))
     return iter(ds.to_iter_dataset())
+
+
+# ----------------------------------------------------------------------------- `jdelta sample` output
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleRow:
+    """One kept ``jdelta sample`` line: its line number, joined prompt record index, response ids."""
+
+    line: int
+    prompt_id: str
+    record_index: int
+    sample_index: int
+    token_ids: tuple[int, ...]
+
+
+def read_sample_output(path: str | Path, prompts, *, drop_truncated: bool = False,
+                       vision_ids: Sequence[int] = ()) -> tuple[list[SampleRow], Any]:
+    """Read ``jdelta sample`` JSONL and join each line to its record in ``prompts`` (a records
+    source, see ``jdelta.data.records``) by ``prompt_id``.
+
+    Returns the kept rows and a :class:`jdelta.data.pipeline.SkipReport` of the lines left out:
+    ``missing_prompt`` (no record with that id), ``truncated`` (``finish_reason == "length"``
+    when ``drop_truncated``), ``vision_token_in_response`` (a response holding a vision
+    placeholder id from ``vision_ids``). A malformed line raises naming file and line.
+    """
+    from jdelta.data.pipeline import SkipReport
+
+    path = Path(path)
+    skips = SkipReport()
+    rows: list[SampleRow] = []
+    id_map: dict[str, int] | None = None
+    vision = set(int(v) for v in vision_ids)
+
+    def record_id(i: int) -> str:
+        return prompts.to_record(prompts[i], i).id
+
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON ({e})") from e
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(d).__name__}")
+        pid, ids = d.get("prompt_id"), d.get("token_ids")
+        if not isinstance(pid, str) or not pid:
+            raise ValueError(f"{where}: needs a non-empty string 'prompt_id'")
+        if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and t >= 0 for t in ids):
+            raise ValueError(f"{where}: needs non-empty 'token_ids' (a list of non-negative ints)")
+        if d.get("finish_reason") not in ("stop", "length"):
+            raise ValueError(f"{where}: finish_reason {d.get('finish_reason')!r}; expected 'stop' or 'length'")
+        # fast path: the sampler's record_index, confirmed by id; else look the id up
+        ri = d.get("record_index")
+        if not (isinstance(ri, int) and 0 <= ri < len(prompts) and record_id(ri) == pid):
+            if id_map is None:
+                id_map = {}
+                for i in range(len(prompts)):
+                    id_map.setdefault(record_id(i), i)
+            ri = id_map.get(pid)
+        if ri is None:
+            skips.add("missing_prompt", f"{where}: prompt_id {pid!r} is not in the prompt records")
+            continue
+        if drop_truncated and d["finish_reason"] == "length":
+            skips.add("truncated", f"{where}: finish_reason 'length' (data.drop_truncated)")
+            continue
+        if vision & set(ids):
+            skips.add("vision_token_in_response", f"{where}: response holds vision placeholder ids "
+                                                  f"{sorted(vision & set(ids))}")
+            continue
+        rows.append(SampleRow(n, pid, int(ri), int(d.get("sample_index", 0)), tuple(ids)))
+    if not rows:
+        raise ValueError(f"{path}: no usable samples; {skips.summary()}")
+    return rows, skips
+
+
+class _JoinedSource:
+    """A records source with one item per kept sample row: the row's prompt record."""
+
+    def __init__(self, prompts, record_index: Sequence[int]):
+        self._prompts, self._index = prompts, list(record_index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getitem__(self, i):
+        return self._prompts[self._index[i]]
+
+    def to_record(self, raw, i):
+        return self._prompts.to_record(raw, self._index[i])
+
+
+class SampleSFTIterator(grain.DatasetIterator):
+    """Prompt-pipeline batches of sample rows plus their responses: ``completion [B, T]``
+    (right-padded), ``completion_length [B]``, ``sample_row [B]`` (-1 on padding rows) and
+    ``record_index`` (the prompt record's). Checkpointable through the pipeline iterator's state.
+    ``skip_report``: lines left out when reading plus records the pipeline left out."""
+
+    def __init__(self, parent, rows: Sequence[SampleRow], read_skips, pad_id: int):
+        super().__init__(parent)
+        self._rows, self._read_skips, self._pad_id = list(rows), read_skips, pad_id
+
+    @property
+    def skip_report(self):
+        from jdelta.data.pipeline import SkipReport
+
+        merged = SkipReport.from_dict(self._read_skips.as_dict())
+        for reason, n in self._parent.skip_report.counts.items():
+            merged.counts[reason] += n
+            merged.examples.setdefault(reason, list(self._parent.skip_report.examples.get(reason, [])))
+        return merged
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        b = dict(next(self._parent))
+        rows = np.asarray(b["record_index"], np.int64)
+        resp = [self._rows[r].token_ids if r >= 0 else () for r in rows]
+        t = max(1, max(len(x) for x in resp))
+        comp = np.full((len(rows), t), self._pad_id, np.int32)
+        for i, x in enumerate(resp):
+            comp[i, : len(x)] = x
+        b["completion"], b["completion_length"] = comp, np.array([len(x) for x in resp], np.int32)
+        b["sample_row"] = rows
+        b["record_index"] = np.array([self._rows[r].record_index if r >= 0 else -1 for r in rows], np.int64)
+        return b
+
+    def get_state(self) -> dict:
+        return self._parent.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(state)
+
+    def __str__(self) -> str:
+        return f"SampleSFTIterator({len(self._rows)} samples)"
+
+
+def sample_sft_batches(samples: str | Path, prompts, *, tokenizer, config, seed: int = 0, shuffle: bool = True,
+                       drop_truncated: bool = False, process_index: int | None = None,
+                       process_count: int | None = None) -> SampleSFTIterator:
+    """SFT batches from ``jdelta sample`` output ``samples`` and the prompt records ``prompts``
+    (a path or a records source) it was sampled from. ``config`` is the
+    :class:`jdelta.data.pipeline.PipelineConfig` (use the sampler's image and chat settings);
+    each batch is the pipeline's prompt batch (``pixel_values [P, D]``, ``image_grid_thw [N, 3]``)
+    with the responses added (see :class:`SampleSFTIterator`)."""
+    from jdelta.data.pipeline import make_prompt_batches
+    from jdelta.data.records import open_records
+    from jdelta.data.tokenizer import SpecialTokens, load_tokenizer
+
+    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
+    sp = SpecialTokens.from_tokenizer(tok)
+    src = open_records(prompts) if isinstance(prompts, (str, Path)) else prompts
+    rows, skips = read_sample_output(samples, src, drop_truncated=drop_truncated,
+                                     vision_ids=(sp.image_pad, sp.video_pad, sp.vision_start, sp.vision_end))
+    if skips.total:
+        logger.warning("%s: %d samples kept; %s", samples, len(rows), skips.summary())
+    parent = make_prompt_batches(_JoinedSource(src, [r.record_index for r in rows]), tokenizer=tok, seed=seed,
+                                 shuffle=shuffle, config=config, process_index=process_index,
+                                 process_count=process_count)
+    return SampleSFTIterator(parent, rows, skips, int(sp.pad))

@@ -8,7 +8,10 @@ Config sections (see ``configs/distill_demo.yaml``)::
                        or {random: {hidden, layers, vocab, seed, logit_scale}}
     dtype: checkpoint compute dtype override (e.g. bfloat16), optional
     mesh: {data, fsdp, tensor} (default: one device)
-    data: {source: synthetic | records | sft_jsonl, path, tokenizer, batch_size, seed, pipeline: {...}}
+    data: {source: synthetic | records | sft_jsonl | sample_output, path, tokenizer, batch_size, seed,
+           pipeline: {...}}; sample_output (method=sft): path = `jdelta sample` JSONL, prompts = the
+           prompt records it was sampled from, drop_truncated; the pipeline settings (image
+           min/max pixels, enable_thinking, system) must match the sampler's
     train: {steps, grad_accum_steps, compute_dtype, max_nan_steps, log_every, seed}
     optimizer: OptimizerConfig fields (total_steps defaults to train.steps)
     checkpoint: {save_every, keep, async}
@@ -68,14 +71,14 @@ def _prompt_source(data: dict[str, Any], student_cfg, method: str, mode: str):
 
         it = random_prompts(student_cfg, batch=batch_size, seed=seed, with_image=bool(data.get("with_image", True)))
         return it, None, tuple(data.get("stop_token_ids", (3,))), int(data.get("pad_id", 0))
-    if source == "records":
+    if source in ("records", "sample_output"):
         from jdelta.data.pipeline import config_from_dict, make_prompt_batches
         from jdelta.data.records import open_records
         from jdelta.data.tokenizer import SpecialTokens, load_tokenizer
         from jdelta.sample_stage import _image_config
 
         if not data.get("path") or not data.get("tokenizer"):
-            raise ValueError("data.source=records needs data.path (prompt records) and data.tokenizer")
+            raise ValueError(f"data.source={source} needs data.path and data.tokenizer")
         tok = load_tokenizer(data["tokenizer"])
         sp = SpecialTokens.from_tokenizer(tok)
         pipe = dict(data.get("pipeline") or {})
@@ -85,7 +88,17 @@ def _prompt_source(data: dict[str, Any], student_cfg, method: str, mode: str):
             import dataclasses
 
             pcfg = dataclasses.replace(pcfg, image=_image_config(student_cfg))
-        it = make_prompt_batches(open_records(data["path"]), tokenizer=tok, seed=seed, config=pcfg)
+        if source == "sample_output":
+            if method != "sft":
+                raise ValueError("data.source=sample_output holds teacher-written responses: use method=sft")
+            if not data.get("prompts"):
+                raise ValueError("data.source=sample_output needs data.prompts (the records it was sampled from)")
+            from jdelta.distill.sft import sample_sft_batches
+
+            it = sample_sft_batches(data["path"], data["prompts"], tokenizer=tok, config=pcfg, seed=seed,
+                                    drop_truncated=bool(data.get("drop_truncated", False)))
+        else:
+            it = make_prompt_batches(open_records(data["path"]), tokenizer=tok, seed=seed, config=pcfg)
         return it, it, tuple(sp.stop_ids), int(sp.pad)
     if source == "sft_jsonl":
         if method != "sft":
@@ -97,7 +110,7 @@ def _prompt_source(data: dict[str, Any], student_cfg, method: str, mode: str):
         pad = int(data.get("pad_id", 0))
         it = sft_batches(read_sft_records(data["path"]), batch_size=batch_size, seed=seed, pad_id=pad)
         return it, it, (), pad
-    raise ValueError(f"data.source={source!r}; expected synthetic, records or sft_jsonl")
+    raise ValueError(f"data.source={source!r}; expected synthetic, records, sft_jsonl or sample_output")
 
 
 def run_distill(cfg: dict[str, Any], *, progress: bool = True) -> dict[str, Any]:
@@ -173,6 +186,8 @@ def run_distill(cfg: dict[str, Any], *, progress: bool = True) -> dict[str, Any]
     summary = {"steps": int(result.state.step), "steps_run": result.steps_run, "preempted": result.preempted,
                "nan_steps": int(result.state.nan_steps), "last": result.last_metrics,
                "time_split": result.time_split(), "run_dir": str(run_dir)}
+    if getattr(data_iter, "skip_report", None) is not None:  # records the data source left out, by reason
+        summary["data_skipped"] = data_iter.skip_report.as_dict()
     export = (cfg.get("export") or {}).get("path")
     if export and not result.preempted:
         from jdelta.models.qwen3_vl.weights import save_hf_checkpoint
@@ -198,4 +213,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"distill {state}: step {s['steps']} ({s['steps_run']} this run), loss {last.get('loss', float('nan')):.4f}, "
           f"{s['nan_steps']} non-finite steps skipped; time split: {s['time_split']}; -> {s['run_dir']}"
           + (f"; exported {s['export']}" if s.get("export") else ""), file=sys.stderr)
+    skipped = s.get("data_skipped") or {}
+    if skipped.get("counts"):
+        print(f"distill: data records skipped: {skipped['counts']} (e.g. {skipped['examples']})", file=sys.stderr)
     return 0
