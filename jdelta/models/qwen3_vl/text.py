@@ -49,23 +49,29 @@ class TextAttention(nnx.Module):
         Args:
           x: ``[B, S, H]``; cos, sin: ``[B, S, head_dim]``.
           mask: ``[B, 1, S, L]`` bool, ``L`` = S without cache, else the cache length.
-          kv_cache: this layer's ``(k, v) [B, L, K, D]`` or None; index: first slot of this call.
+          kv_cache: ``(k, v, layer)``: the whole stacked cache ``[num_layers, B, L, K, D]`` and
+            this layer's (static) index, or None; index: first slot of this call.
         Returns:
-          ``out [B, S, H]`` and this call's ``(k, v) [B, S, K, D]`` (rotated), for the cache.
+          ``out [B, S, H]`` and the updated stacked ``(k, v)`` (None without a cache). This call's
+          keys/values are written into the stacked buffers first and attention reads the layer's
+          leading-axis slice of them: a contiguous view, so decoding does not copy a layer's cache.
         """
         b, s, _ = x.shape
         q = self.q_norm(self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim))
         k = self.k_norm(self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim))
         v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        new_cache = None
         if kv_cache is None:
             keys, values = k, v
         else:
-            ck, cv = kv_cache
-            keys = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0)).astype(q.dtype)
-            values = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0)).astype(q.dtype)
+            ks, vs, layer = kv_cache
+            ks = jax.lax.dynamic_update_slice(ks, k[None].astype(ks.dtype), (layer, 0, index, 0, 0))
+            vs = jax.lax.dynamic_update_slice(vs, v[None].astype(vs.dtype), (layer, 0, index, 0, 0))
+            keys, values = ks[layer].astype(q.dtype), vs[layer].astype(q.dtype)
+            new_cache = (ks, vs)
         out = dot_product_attention(q, keys, values, mask, implementation=self.attention_impl)
-        return self.o_proj(out.reshape(b, s, -1)), (k, v)
+        return self.o_proj(out.reshape(b, s, -1)), new_cache
 
 
 class DecoderLayer(nnx.Module):
@@ -126,9 +132,7 @@ class Qwen3VLTextModel(nnx.Module):
         ks, vs = cache_kv if cache_kv is not None else (None, None)
         for i, layer in enumerate(self.layers):
             if cache_kv is not None:
-                x, (k, v) = layer(x, cos, sin, mask, (ks[i], vs[i]), index)
-                ks = jax.lax.dynamic_update_slice(ks, k[None].astype(ks.dtype), (i, 0, index, 0, 0))
-                vs = jax.lax.dynamic_update_slice(vs, v[None].astype(vs.dtype), (i, 0, index, 0, 0))
+                x, (ks, vs) = layer(x, cos, sin, mask, (ks, vs, i), index)
             elif run is not None:
                 x = run(layer, x, cos, sin, mask)
             else:
