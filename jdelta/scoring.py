@@ -60,6 +60,9 @@ def chunked_token_logprobs(
 ) -> ScoreResult:
     """Log-probs of ``targets`` from hidden states, ``chunk_size`` positions at a time.
 
+    Differentiable (w.r.t. ``hidden`` and ``lm_head``): each chunk is rematerialised in the
+    backward pass, so training through it (e.g. SFT's NLL) also peaks at one chunk of logits.
+
     Args:
       hidden: ``[B, T, H]``; position ``t`` predicts ``targets[:, t]``.
       lm_head: ``[H, V]``.
@@ -93,6 +96,7 @@ def chunked_token_logprobs(
     t_chunks = targets.reshape(b, n_chunks, chunk_size).transpose(1, 0, 2)
     inv_t = jnp.float32(1.0 / temperature)
 
+    @jax.checkpoint  # differentiable with the same peak: the backward recomputes one chunk's logits
     def one(args):
         hc, tc = args
         logits = jnp.einsum("bch,hv->bcv", hc, lm_head.astype(hc.dtype), preferred_element_type=jnp.float32)

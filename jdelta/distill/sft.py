@@ -42,6 +42,7 @@ from jdelta.distill.on_policy import (
     special_ids,
 )
 from jdelta.distill.train_state import TrainState
+from jdelta.scoring import chunked_token_logprobs
 from jdelta.sharding import Rules, activation_sharding
 
 logger = logging.getLogger(__name__)
@@ -78,21 +79,7 @@ def chunked_nll(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, *, ch
     ``chunk_size`` positions at a time under ``jax.checkpoint``: forward and backward peak at
     ``B * chunk_size * V`` logits instead of ``B * T * V``.
     """
-    b, t, h = hidden.shape
-    c = max(1, min(chunk_size, t))
-    n = -(-t // c)
-    pad = n * c - t
-    hid = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, n, c, h).swapaxes(0, 1)
-    tgt = jnp.pad(targets.astype(jnp.int32), ((0, 0), (0, pad))).reshape(b, n, c).swapaxes(0, 1)
-
-    @jax.checkpoint
-    def one(hc, tc, w):
-        logits = jnp.einsum("bch,hv->bcv", hc, w.astype(hc.dtype), preferred_element_type=jnp.float32)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        return lse - jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
-
-    out = jax.lax.map(lambda xs: one(xs[0], xs[1], lm_head), (hid, tgt))
-    return out.swapaxes(0, 1).reshape(b, n * c)[:, :t]
+    return -chunked_token_logprobs(hidden, lm_head, targets, chunk_size=chunk_size).token_logprobs
 
 
 def make_sft_loss(cfg: SFTConfig):
