@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -66,3 +67,14 @@ def get_dotted(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
             return default
         node = node[p]
     return node
+
+
+def check_known_keys(cfg: Mapping[str, Any], cls: type, what: str) -> dict[str, Any]:
+    """A copy of ``cfg`` after checking every key names a field of dataclass ``cls``; an unknown
+    key raises ``ValueError`` naming it (``what``: e.g. "distill options", for the message)."""
+    cfg = dict(cfg or {})
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown}; known: {sorted(known)}")
+    return cfg

@@ -34,6 +34,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from jdelta.config import check_known_keys
 from jdelta.data.chat import build_prompt
 from jdelta.data.image_processor import (
     ImageConfig,
@@ -442,11 +443,7 @@ def make_prompt_batches(
 
 def config_from_dict(d: dict) -> PipelineConfig:
     """``PipelineConfig`` from a plain (YAML) dict; unknown keys raise naming them."""
-    d = dict(d)
-    known = set(PipelineConfig.__dataclass_fields__)
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"unknown pipeline config keys {unknown}; known: {sorted(known)}")
+    d = check_known_keys(d, PipelineConfig, "pipeline config keys")
     if "image" in d and isinstance(d["image"], dict):
         d["image"] = ImageConfig(**d["image"])
     for k in ("seq_buckets", "patch_buckets", "image_buckets"):

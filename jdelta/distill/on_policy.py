@@ -37,6 +37,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jdelta import losses
+from jdelta.config import check_known_keys
 from jdelta.distill.loop import StepInput
 from jdelta.distill.rollout import flatten_vision, images_per_row, repeat_prompts, stack_vision
 from jdelta.distill.train_state import TrainState
@@ -103,12 +104,7 @@ class DistillConfig:
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any] | None) -> DistillConfig:
-        cfg = dict(cfg or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(cfg) - known
-        if unknown:
-            raise ValueError(f"unknown distill options {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**cfg)
+        return cls(**check_known_keys(cfg, cls, "distill options"))
 
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,

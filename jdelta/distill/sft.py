@@ -32,6 +32,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jdelta import losses
+from jdelta.config import check_known_keys
 from jdelta.distill.loop import StepInput
 from jdelta.distill.on_policy import (
     _rope_fn,
@@ -66,11 +67,7 @@ class SFTConfig:
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any] | None) -> SFTConfig:
-        cfg = dict(cfg or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        if set(cfg) - known:
-            raise ValueError(f"unknown sft options {sorted(set(cfg) - known)}; known: {sorted(known)}")
-        return cls(**cfg)
+        return cls(**check_known_keys(cfg, cls, "sft options"))
 
 
 def chunked_nll(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, *, chunk_size: int) -> jax.Array:

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from jdelta.config import check_known_keys
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
@@ -43,12 +45,7 @@ class OptimizerConfig:
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any] | None) -> OptimizerConfig:
-        cfg = dict(cfg or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(cfg) - known
-        if unknown:
-            raise ValueError(f"unknown optimizer options {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**cfg)
+        return cls(**check_known_keys(cfg, cls, "optimizer options"))
 
 
 def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:
