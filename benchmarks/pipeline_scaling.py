@@ -2,7 +2,7 @@
 
 Runs ``jdelta pipeline`` (library call, same code as the CLI) on the *oracle pair* (a
 deterministic toy teacher/student whose student fails the ``trend`` family; answers go through
-the real answer classing, Δ metrics and zero-delta tests of ``jdelta.score.delta_records``) and
+the real answer classing, Δ metrics and zero-delta tests of ``jdelta.delta_scoring.delta_records``) and
 the oracle writer, with the procedural seed source. Synthesis budgets scale with the seeds
 (writer seeds and steered records = ``--budget`` x seeds), so linear scaling means a constant
 time per seed. One warm-up run (JAX compile of the Δ programs) is excluded.

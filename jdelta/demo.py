@@ -216,7 +216,7 @@ def run_demo(out: str | Path, *, n_prompts: int = 48, seed: int = 0, n: int = 4,
              shard_size: int = 16, batch_size: int = 8, max_pixels: int = 96 * 128, distill_steps: int = 4,
              vocab_size: int = 512, teacher_layers: int = 2, progress: bool = True) -> dict[str, Any]:
     from jdelta.data.records import read_jsonl, write_jsonl
-    from jdelta.score import run_score
+    from jdelta.stages.score import run_score
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ Per prompt the model answers greedily (``--n 1``, the default) or samples ``n`` 
 answers with the majority class (:func:`jdelta.answers.class_answers`; ties go to the earliest
 answer). The answer is scored against the reference(s) with the benchmark's metric
 (``--metric auto``: ChartQA relaxed accuracy, DocVQA/InfoVQA ANLS, AI2D multiple choice, ... see
-:func:`jdelta.score.answer_metric_for`) or one metric forced for all.
+:func:`jdelta.delta_scoring.answer_metric_for`) or one metric forced for all.
 
 ``--data`` takes comma-separated sets, each ``[NAME=]PATH`` where PATH is a jdelta records file
 or directory (``.jsonl`` / ``.array_record``), or ``LAYOUT:DIR`` for a Hugging Face dataset saved
@@ -30,19 +30,9 @@ from typing import Any
 import numpy as np
 
 from jdelta import answers as ans
-from jdelta.score import (
-    PromptProcessor,
-    answer_metric_for,
-    classing_type_for,
-    image_config_for,
-    load_model,
-    make_sampler,
-    model_identity,
-    parse_mesh,
-    record_id_of,
-    references_of,
-    sample_texts,
-)
+from jdelta.benchmark_metrics import answer_metric_for, classing_type_for, references_of
+from jdelta.delta_scoring import PromptProcessor, make_sampler, record_id_of, sample_texts
+from jdelta.models.loading import image_config_for, load_model, model_identity, parse_mesh
 
 METRIC_ALIASES = {
     "auto": None,

@@ -11,8 +11,8 @@ import pytest
 import torch
 from qwen3_vl_tiny import IMG, PAD, PATCH_DIM, VEND, VSTART, tiny_checkpoint
 
+from jdelta.logprobs import score_completions
 from jdelta.sampling import Sampler, SamplingParams
-from jdelta.scoring import score_completions
 from jdelta.sharding import make_mesh
 
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")

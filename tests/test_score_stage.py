@@ -9,8 +9,9 @@ import pytest
 from jdelta import divergence as dv
 from jdelta.cli import main
 from jdelta.data.records import read_jsonl, write_jsonl
+from jdelta.delta_scoring import delta_records, score_prompts
 from jdelta.demo import make_seeds, make_tiny_pair, make_tokenizer
-from jdelta.score import delta_records, run_score, score_prompts
+from jdelta.stages.score import run_score
 
 N_GOOD = 6
 SETTINGS = dict(n=2, max_new_tokens=6, batch_size=4, max_pixels=64 * 64, num_permutations=99,
@@ -175,7 +176,7 @@ def test_bad_prompts_file_is_a_clear_error(setup, tmp_path, capsys):
 @pytest.mark.slow
 def test_score_on_a_mesh(setup):
     """Sharded models and prompts (8 host CPU devices as data x fsdp) give valid, complete entries."""
-    from jdelta.score import parse_mesh
+    from jdelta.models.loading import parse_mesh
 
     root, _, teacher, student, tok = setup
     records = list(read_jsonl(root / "seeds" / "records.jsonl"))[:4]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sampling_tiny_lm import full_logits, left_padded_batch, make_model, tiny_rope_index
 
-from jdelta.scoring import chunked_token_logprobs, score_completions
+from jdelta.logprobs import chunked_token_logprobs, score_completions
 from jdelta.sharding import make_mesh
 
 PROMPTS = [[5, 6, 7], [1, 2, 3, 4, 9, 10], [3, 8]]

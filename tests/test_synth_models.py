@@ -1,12 +1,12 @@
 """The pipeline with the real scorer and the real teacher-as-writer on a tiny random Qwen3-VL pair:
-same stages as the oracle tests, models through ``jdelta.score.score_prompts`` and the sampler.
+same stages as the oracle tests, models through ``jdelta.delta_scoring.score_prompts`` and the sampler.
 Random models write gibberish, so the parser must reject it with counted reasons."""
 
 import pytest
 
 from jdelta.demo import make_seeds, make_tiny_pair, make_tokenizer
-from jdelta.synth.manifest import check_balance, read_json, read_jsonl
 from jdelta.synth.pipeline import run_pipeline
+from jdelta.synth.units import check_balance, read_json, read_jsonl
 
 
 class Killed(Exception):
@@ -74,7 +74,7 @@ def test_model_pair_pipeline_counts_identities_and_resume(pair, tmp_path):
 
 
 def test_synthesize_from_a_score_run_with_the_teacher_writer(pair, tmp_path):
-    from jdelta.score import run_score
+    from jdelta.stages.score import run_score
     from jdelta.synth.synthesize import SynthesizeFromScores
 
     root, seeds, teacher, student = pair

@@ -8,8 +8,8 @@ import pytest
 
 from jdelta.cli import main as cli_main
 from jdelta.data.records import read_array_record
-from jdelta.synth.manifest import WaitingForShards, check_balance, read_json, read_jsonl
 from jdelta.synth.pipeline import Pipeline, run_pipeline
+from jdelta.synth.units import WaitingForShards, check_balance, read_json, read_jsonl
 
 CONFIG = {
     "seed": 5,

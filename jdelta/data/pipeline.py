@@ -34,7 +34,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from jdelta.config import check_known_keys
+from jdelta.config import build
 from jdelta.data.chat import build_prompt
 from jdelta.data.image_processor import (
     ImageConfig,
@@ -442,14 +442,8 @@ def make_prompt_batches(
 
 
 def config_from_dict(d: dict) -> PipelineConfig:
-    """``PipelineConfig`` from a plain (YAML) dict; unknown keys raise naming them."""
-    d = check_known_keys(d, PipelineConfig, "pipeline config keys")
-    if "image" in d and isinstance(d["image"], dict):
-        d["image"] = ImageConfig(**d["image"])
-    for k in ("seq_buckets", "patch_buckets", "image_buckets"):
-        if k in d:
-            d[k] = tuple(int(v) for v in d[k])
-    return PipelineConfig(**d)
+    """``PipelineConfig`` from a plain (YAML) dict, validated (unknown keys and wrong types raise naming them)."""
+    return build(PipelineConfig, d or {})
 
 
 def config_to_dict(config: PipelineConfig) -> dict:

@@ -37,12 +37,12 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jdelta import losses
-from jdelta.config import check_known_keys
+from jdelta.config import build
 from jdelta.distill.loop import StepInput
 from jdelta.distill.rollout import flatten_vision, images_per_row, repeat_prompts, stack_vision
 from jdelta.distill.train_state import TrainState
+from jdelta.logprobs import chunked_token_logprobs, prepare_score_inputs
 from jdelta.sampling import Sampler, SamplingParams
-from jdelta.scoring import chunked_token_logprobs, prepare_score_inputs
 from jdelta.sharding import Rules, activation_sharding, state_shardings
 
 MODES = ("reverse_kl", "gkd", "va_opd")
@@ -104,7 +104,7 @@ class DistillConfig:
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any] | None) -> DistillConfig:
-        return cls(**check_known_keys(cfg, cls, "distill options"))
+        return build(cls, cfg or {})
 
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,

@@ -32,7 +32,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jdelta import losses
-from jdelta.config import check_known_keys
+from jdelta.config import build
 from jdelta.distill.loop import StepInput
 from jdelta.distill.on_policy import (
     _rope_fn,
@@ -43,7 +43,7 @@ from jdelta.distill.on_policy import (
     special_ids,
 )
 from jdelta.distill.train_state import TrainState
-from jdelta.scoring import chunked_token_logprobs
+from jdelta.logprobs import chunked_token_logprobs
 from jdelta.sharding import Rules, activation_sharding
 
 logger = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class SFTConfig:
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any] | None) -> SFTConfig:
-        return cls(**check_known_keys(cfg, cls, "sft options"))
+        return build(cls, cfg or {})
 
 
 def chunked_nll(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, *, chunk_size: int) -> jax.Array:

@@ -75,7 +75,7 @@ def _prompt_source(data: dict[str, Any], student_cfg, method: str, mode: str):
         from jdelta.data.pipeline import config_from_dict, make_prompt_batches
         from jdelta.data.records import open_records
         from jdelta.data.tokenizer import SpecialTokens, load_tokenizer
-        from jdelta.sample_stage import _image_config
+        from jdelta.models.loading import image_config_for as _image_config
 
         if not data.get("path") or not data.get("tokenizer"):
             raise ValueError(f"data.source={source} needs data.path and data.tokenizer")

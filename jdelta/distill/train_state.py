@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from jdelta.config import check_known_keys
+from jdelta.config import build
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +45,7 @@ class OptimizerConfig:
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any] | None) -> OptimizerConfig:
-        return cls(**check_known_keys(cfg, cls, "optimizer options"))
+        return build(cls, cfg or {})
 
 
 def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:

@@ -241,7 +241,7 @@ def topk_forward_kl(
     """:func:`topk_forward_kl_from_logprobs` from student logits ``[B, T, V]``.
 
     ``teacher_topk_logprobs`` / ``teacher_topk_ids``: ``[B, T, k]`` (e.g. from
-    ``jdelta.scoring.chunked_token_logprobs(top_k=k)``), used as given (their temperature is
+    ``jdelta.logprobs.chunked_token_logprobs(top_k=k)``), used as given (their temperature is
     whatever they were scored at); the student's log-softmax uses ``temperature``. Ids must be
     ``< vocab_size``.
     """

@@ -21,7 +21,7 @@ counts that add up: in = out + dropped by reason) and is skipped once done. All 
 derived from (seed, round, stage, unit), so interrupted, resumed and sharded runs produce the
 same bytes as one uninterrupted run.
 
-Scorers: ``scorer.kind: models`` (teacher and student checkpoints, :func:`jdelta.score.score_prompts`)
+Scorers: ``scorer.kind: models`` (teacher and student checkpoints, :func:`jdelta.delta_scoring.score_prompts`)
 or ``oracle`` (a toy pair whose student fails configured families; tests and benchmarks).
 Writers: ``synthesis.writer.kind: teacher`` (the teacher model writes) or ``oracle``.
 """
@@ -40,7 +40,9 @@ from typing import Any
 from jdelta.config import load_config, merge
 from jdelta.data.records import PromptRecord, RecordError
 from jdelta.synth import failure_modes as fm
-from jdelta.synth.manifest import (
+from jdelta.synth.screen import screen
+from jdelta.synth.steered import steered_plan, steered_record, steering_weights
+from jdelta.synth.units import (
     WaitingForShards,
     derive_seed,
     dumps_jsonl,
@@ -53,8 +55,6 @@ from jdelta.synth.manifest import (
     write_atomic,
     write_json,
 )
-from jdelta.synth.screen import screen
-from jdelta.synth.steered import steered_plan, steered_record, steering_weights
 from jdelta.synth.writer import OracleWriter, build_instruction, candidate_record, parse_generation
 
 VERSION = 1
@@ -212,7 +212,7 @@ class Pipeline:
         if self._scorer is None:
             sc = self.cfg["scorer"]
             if sc["kind"] == "oracle":
-                from jdelta.synth.scorers import OraclePairScorer
+                from jdelta.synth.pair_scorers import OraclePairScorer
 
                 self._scorer = OraclePairScorer(sc["failing_families"], n=sc["n"], fail_rate=sc["fail_rate"],
                                                 teacher_noise=sc["teacher_noise"], student_noise=sc["student_noise"],
@@ -220,7 +220,7 @@ class Pipeline:
                                                 num_permutations=sc["num_permutations"],
                                                 num_posterior_draws=sc["num_posterior_draws"])
             elif sc["kind"] == "models":
-                from jdelta.synth.scorers import ModelPairScorer
+                from jdelta.synth.pair_scorers import ModelPairScorer
 
                 if not sc["teacher"] or not sc["student"]:
                     raise ValueError("scorer.kind=models needs scorer.teacher and scorer.student checkpoint dirs")
@@ -480,7 +480,7 @@ class Pipeline:
         sc = self.cfg["scorer"]
         if sc["kind"] == "oracle":
             return {k: sc[k] for k in ("kind", "failing_families", "n", "fail_rate", "teacher_noise", "student_noise")}
-        from jdelta.score import model_identity
+        from jdelta.models.loading import model_identity
 
         return {"kind": "models", "teacher": model_identity(sc["teacher"]), "student": model_identity(sc["student"]),
                 "settings": sc["settings"]}

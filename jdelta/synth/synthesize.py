@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from jdelta.config import load_config
-from jdelta.synth.manifest import (
+from jdelta.synth.pipeline import Pipeline
+from jdelta.synth.units import (
     WaitingForShards,
     dumps_jsonl,
     read_json,
@@ -29,7 +30,6 @@ from jdelta.synth.manifest import (
     write_atomic,
     write_json,
 )
-from jdelta.synth.pipeline import Pipeline
 
 
 class SynthesizeFromScores(Pipeline):

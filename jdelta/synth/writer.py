@@ -299,8 +299,8 @@ class TeacherWriter:
     def __init__(self, teacher, tokenizer, *, pipeline_config, temperature: float = 0.7, top_p: float = 0.95,
                  max_new_tokens: int = 256, batch_size: int = 4, mesh=None, identity: Mapping[str, Any] | None = None):
         from jdelta.data.tokenizer import SpecialTokens
+        from jdelta.delta_scoring import make_sampler
         from jdelta.sampling import SamplingParams
-        from jdelta.score import make_sampler
 
         self.teacher, self.tokenizer, self.pipeline_config = teacher, tokenizer, pipeline_config
         special = SpecialTokens.from_tokenizer(tokenizer)
@@ -316,7 +316,7 @@ class TeacherWriter:
         import jax
 
         from jdelta.data.records import ListSource
-        from jdelta.score import PromptProcessor, sample_texts
+        from jdelta.delta_scoring import PromptProcessor, sample_texts
 
         recs = [PromptRecord(id=s.id, images=list(s.images), question=ins, answer=None, answer_type="text",
                              category=s.category, family=s.family) for s, ins in zip(seeds, instructions, strict=True)]

@@ -1,12 +1,12 @@
 """Scorers for the pipeline: one interface, ``score(records, seed) -> list[entry]``.
 
-* :class:`ModelPairScorer`: the real thing, :func:`jdelta.score.score_prompts` with a teacher and
+* :class:`ModelPairScorer`: the real thing, :func:`jdelta.delta_scoring.score_prompts` with a teacher and
   a student (n sampled answers each, Δ per prompt).
 * :class:`OraclePairScorer`: a deterministic "toy pair" for tests and benchmarks. The teacher
   answers the reference (wrong with probability ``teacher_noise``); the student answers the
   reference too, except for records whose family is in ``failing_families``, where it answers
   wrongly with probability ``fail_rate``. The answer texts then go through the same
-  :func:`jdelta.score.delta_records` as the real scorer (answer classing, every Δ metric,
+  :func:`jdelta.delta_scoring.delta_records` as the real scorer (answer classing, every Δ metric,
   zero-delta tests, correctness), so both produce the same entry schema.
 """
 
@@ -86,7 +86,7 @@ class OraclePairScorer:
     def score(self, records: Sequence[PromptRecord], seed: int) -> list[dict]:
         import jax
 
-        from jdelta.score import delta_records
+        from jdelta.delta_scoring import delta_records
 
         if not records:
             return []
@@ -103,12 +103,13 @@ class OraclePairScorer:
 
 
 class ModelPairScorer:
-    """Teacher and student checkpoints scored with :func:`jdelta.score.score_prompts`."""
+    """Teacher and student checkpoints scored with :func:`jdelta.delta_scoring.score_prompts`."""
 
     def __init__(self, teacher: str, student: str, *, tokenizer: str | None = None, mesh: str | None = None,
                  settings: Mapping[str, Any] | None = None):
         from jdelta.data.tokenizer import load_tokenizer
-        from jdelta.score import ScoreSettings, load_model, model_identity, parse_mesh, tokenizer_fingerprint
+        from jdelta.delta_scoring import ScoreSettings
+        from jdelta.models.loading import load_model, model_identity, parse_mesh, tokenizer_fingerprint
 
         self.mesh = parse_mesh(mesh)
         self.settings = ScoreSettings.make(**dict(settings or {}))
@@ -125,7 +126,7 @@ class ModelPairScorer:
         }
 
     def score(self, records: Sequence[PromptRecord], seed: int) -> list[dict]:
-        from jdelta.score import score_prompts
+        from jdelta.delta_scoring import score_prompts
 
         if not records:
             return []
@@ -136,7 +137,7 @@ class ModelPairScorer:
     def teacher_writer(self, **kw):
         """A :class:`~jdelta.synth.writer.TeacherWriter` on this pair's teacher."""
         from jdelta.data.pipeline import PipelineConfig
-        from jdelta.score import image_config_for
+        from jdelta.models.loading import image_config_for
         from jdelta.synth.writer import TeacherWriter
 
         st = self.settings
