@@ -118,7 +118,7 @@ def main() -> None:
     teacher_head = jnp.asarray(rng.normal(size=(args.teacher_hidden, v)) * 0.02, cdt)
     ocfg = OptimizerConfig(learning_rate=1e-6, total_steps=1000)
     tx = make_optimizer(ocfg)
-    dcfg = DistillConfig(mode="reverse_kl", kl_chunk=args.chunk)
+    dcfg = DistillConfig(mode="reverse_kl", chunk_size=args.chunk)
     layers, h, d = cfg.text.num_hidden_layers, cfg.text.num_attention_heads, cfg.text.head_dim
     flops = 6 * n_mm * b * s + 3 * 2 * b * s * s * h * d * layers
     peak = next((p for k, p in PEAK_BF16.items() if k.lower() in dev.device_kind.lower()), None)

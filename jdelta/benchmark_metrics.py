@@ -51,11 +51,7 @@ def classing_type_for(record) -> str:
 
 
 def references_of(record) -> list[str] | None:
-    """All accepted reference answers (``meta["answers"]`` when present), or None."""
-    if record.answer is None:
-        return None
-    extra = (record.meta or {}).get("answers")
-    refs = [str(a) for a in extra] if isinstance(extra, list) and extra else []
-    if record.answer not in refs:
-        refs.insert(0, record.answer)
-    return refs
+    """Every accepted reference answer of a record, its ``answer`` first
+    (:attr:`~jdelta.data.records.PromptRecord.answers`: ``meta["answers"]`` when several are
+    accepted, as in DocVQA), or None when it has no reference."""
+    return record.answers

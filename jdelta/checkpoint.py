@@ -5,6 +5,9 @@ parameters, optimiser state, step, RNG, non-finite-step count), ``data`` (the Gr
 iterator position, via Grain's own Orbax handler) and ``meta`` (JSON: config,
 counts). Restoring into a template state puts each array back on the template's
 sharding, so a run resumes on the same mesh (or a different one) without a gather.
+The template's array shapes are checked against the checkpoint's metadata first, so a
+checkpoint of another model is one :class:`CheckpointMismatchError` line, not Orbax's
+tracebacks from its restore threads.
 """
 
 from __future__ import annotations
@@ -21,7 +24,36 @@ if TYPE_CHECKING:
 import jax
 import orbax.checkpoint as ocp
 
+from jdelta.errors import UserError
+
 log = logging.getLogger(__name__)
+
+
+class CheckpointMismatchError(UserError, ValueError):
+    """A checkpoint whose arrays do not fit the state it is restored into (another model's shapes)."""
+
+
+def _key_name(k: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """Dotted key path -> shape of every array-like leaf (one naming for templates and Orbax metadata)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    return {".".join(_key_name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves
+            if hasattr(leaf, "shape")}
+
+
+def shape_mismatches(saved: dict[str, tuple[int, ...]], template: dict[str, tuple[int, ...]]) -> list[str]:
+    """Human-readable differences between two ``{key path: shape}`` maps (empty when they fit)."""
+    out = [f"{k}: {saved[k]} in the checkpoint, {template[k]} now" for k in template
+           if k in saved and saved[k] != template[k]]
+    out += [f"{k}: not in the checkpoint" for k in template if k not in saved]
+    out += [f"{k}: in the checkpoint only" for k in saved if k not in template]
+    return out
 
 
 def _abstract(tree: Any) -> Any:
@@ -95,6 +127,7 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         saved = set(self.manager.item_metadata(step).keys())
+        self.check_shapes(template, step)
         items: dict[str, Any] = {"state": ocp.args.StandardRestore(_abstract(template))}
         if data_iter is not None:
             if "data" not in saved:
@@ -106,6 +139,29 @@ class Checkpointer:
             items["meta"] = ocp.args.JsonRestore()
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
         return out["state"], (out["meta"] if "meta" in saved else None)
+
+    def saved_shapes(self, step: int) -> dict[str, tuple[int, ...]] | None:
+        """``{key path: shape}`` of the train state saved at ``step`` (None if its metadata is unreadable)."""
+        from etils import epath
+
+        try:
+            md = ocp.StandardCheckpointHandler().metadata(epath.Path(self.directory / str(step) / "state"))
+        except Exception as e:  # noqa: BLE001 (an older layout: let Orbax's restore decide)
+            log.debug("no array metadata for step %d: %s", step, e)
+            return None
+        return _shapes(getattr(md, "tree", md))
+
+    def check_shapes(self, template: Any, step: int) -> None:
+        """Raise :class:`CheckpointMismatchError` (one line) unless ``template`` fits the arrays saved at ``step``."""
+        saved = self.saved_shapes(step)
+        if saved is None:
+            return
+        diffs = shape_mismatches(saved, _shapes(template))
+        if diffs:
+            raise CheckpointMismatchError(
+                f"checkpoint {self.directory / str(step)} holds another model's arrays ({len(diffs)} differ; "
+                f"e.g. {'; '.join(diffs[:3])}); restore it into a model of the saved shapes or start a new run "
+                "directory")
 
     def wait(self) -> None:
         """Block until any background save has finished."""

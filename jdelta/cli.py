@@ -93,14 +93,14 @@ def short_flags(cls: type) -> dict[str, str]:
 
 
 def _sections(cls: type) -> set[str]:
-    from jdelta.config import _dataclass_of
+    from jdelta.config import dataclass_of
 
     out: set[str] = set()
 
     def walk(c: type, prefix: str) -> None:
         hints = typing.get_type_hints(c)
         for f in dataclasses.fields(c):
-            sub = _dataclass_of(hints[f.name])
+            sub = dataclass_of(hints[f.name])
             if sub is not None:
                 out.add(prefix + f.name)
                 walk(sub, prefix + f.name + ".")

@@ -127,6 +127,22 @@ class MeshConfig:
         return make_mesh(self.shape())
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A model to load: an HF checkpoint directory and jdelta-side settings.
+
+    path: checkpoint directory (``config.json`` + safetensors); a plain string given for the
+    section sets it (``teacher: /ckpt`` == ``teacher: {path: /ckpt}``). dtype: parameter and
+    compute dtype (None: the checkpoint's). remat_policy / attention_impl: the model config's
+    (None: its defaults).
+    """
+
+    path: str | None = None
+    dtype: str | None = None
+    remat_policy: str | None = None
+    attention_impl: str | None = None
+
+
 # ----------------------------------------------------------------------------- checks
 
 
@@ -193,6 +209,8 @@ def set_dotted(cfg: dict[str, Any], key: str, value: Any) -> None:
         nxt = node.get(p)
         if nxt is None:
             nxt = node[p] = {}
+        elif isinstance(nxt, str):  # the path shorthand (``teacher: /ckpt``) given sub-keys too
+            nxt = node[p] = {"path": nxt}
         if not isinstance(nxt, dict):
             raise ConfigError(f"cannot set {key!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
         node = nxt
@@ -232,10 +250,27 @@ def build(cls: type[T], mapping: Mapping[str, Any], source: str | None = None) -
     from pydantic import TypeAdapter, ValidationError
 
     _prepare(cls)
+    mapping = _path_shorthand(cls, dict(mapping))
+    _reject_bool_numbers(cls, mapping, "", source)
     try:
-        return TypeAdapter(cls).validate_python(_path_shorthand(cls, dict(mapping)))
+        return TypeAdapter(cls).validate_python(mapping)
     except ValidationError as e:
         raise ConfigError(_describe(cls, e.errors()[0], source)) from None
+
+
+def _reject_bool_numbers(cls: type, mapping: Mapping[str, Any], prefix: str, source: str | None) -> None:
+    """pydantic's lax mode reads ``true`` as the number 1: refuse a boolean for a numeric field."""
+    hints = typing.get_type_hints(cls)
+    for name, value in mapping.items():
+        tp = hints.get(name)
+        sub = dataclass_of(tp)
+        if sub is not None and isinstance(value, Mapping):
+            _reject_bool_numbers(sub, value, f"{prefix}{name}.", source)
+        elif isinstance(value, bool) and tp is not None:
+            allowed = set(typing.get_args(tp)) if typing.get_origin(tp) in (typing.Union, types.UnionType) else {tp}
+            if allowed & {int, float} and bool not in allowed:
+                where = f" (in {source})" if source else ""
+                raise ConfigError(f"config key {prefix + name!r}{where}: expected a number, got {value!r}")
 
 
 def _path_shorthand(cls: type, mapping: dict[str, Any]) -> dict[str, Any]:
@@ -244,7 +279,7 @@ def _path_shorthand(cls: type, mapping: dict[str, Any]) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     out = dict(mapping)
     for f in dataclasses.fields(cls):
-        sub = _dataclass_of(hints.get(f.name))
+        sub = dataclass_of(hints.get(f.name))
         if sub is None or f.name not in out:
             continue
         v = out[f.name]
@@ -306,7 +341,7 @@ def leaf_fields(cls: type, prefix: str = "") -> dict[str, dataclasses.Field]:
     out: dict[str, dataclasses.Field] = {}
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        sub = _dataclass_of(hints.get(f.name))
+        sub = dataclass_of(hints.get(f.name))
         if sub is not None:
             out.update(leaf_fields(sub, f"{prefix}{f.name}."))
         else:
@@ -318,18 +353,18 @@ def field_type(cls: type, dotted: str) -> Any:
     """The declared type of a dotted field path."""
     node: Any = cls
     for p in dotted.split("."):
-        node = typing.get_type_hints(_dataclass_of(node) or node)[p]
+        node = typing.get_type_hints(dataclass_of(node) or node)[p]
     return node
 
 
-def _dataclass_of(tp: Any) -> type | None:
+def dataclass_of(tp: Any) -> type | None:
     """The dataclass in ``tp`` (``X`` or ``X | None``), else None."""
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return tp
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         subs = [a for a in typing.get_args(tp) if a is not type(None)]
         if len(subs) == 1:
-            return _dataclass_of(subs[0])
+            return dataclass_of(subs[0])
     return None
 
 
@@ -340,7 +375,7 @@ def _prepare(cls: type) -> None:
     seen: set[type] = set()
 
     def walk(tp: Any) -> None:
-        dc = _dataclass_of(tp)
+        dc = dataclass_of(tp)
         if dc is None:
             for a in typing.get_args(tp):
                 walk(a)
@@ -359,25 +394,41 @@ def _prepare(cls: type) -> None:
 def _node_class(cls: type, loc: tuple) -> type | None:
     node: Any = cls
     for p in loc:
-        dc = _dataclass_of(node)
+        dc = dataclass_of(node)
         if dc is None:
             return None
         hints = typing.get_type_hints(dc)
         if p not in hints:
             return None
         node = hints[p]
-    return _dataclass_of(node)
+    return dataclass_of(node)
+
+
+_TYPE_TAGS = {"int", "float", "str", "bool", "none", "list", "dict", "tuple", "set", "literal", "bytes"}
+
+
+def _is_union_tag(part: str) -> bool:
+    """Whether a pydantic error location part names a union member (``int``, ``dict[str,int]``,
+    ``function-before[...]``) rather than a key."""
+    return part in _TYPE_TAGS or "[" in part or part.startswith("function-")
 
 
 def _describe(cls: type, err: Mapping[str, Any], source: str | None) -> str:
     """One line for pydantic error ``err``: the dotted key, what is wrong, and a suggestion."""
-    loc = tuple(str(p) for p in err.get("loc", ()) if not isinstance(p, int))
+    loc = tuple(str(p) for p in err.get("loc", ()) if not isinstance(p, int) and not _is_union_tag(str(p)))
     kind = err.get("type", "")
     where = f" (in {source})" if source else ""
     if kind in ("unexpected_keyword_argument", "extra_forbidden"):
         parent = _node_class(cls, loc[:-1])
         valid = [f.name for f in dataclasses.fields(parent)] if parent else []
         close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.6)
+        if not close and parent is not None:  # one section deeper? (scorer.temprature -> scorer.sampling.temperature)
+            deeper: dict[str, str] = {}
+            for path in leaf_fields(parent):
+                if "." in path:
+                    deeper.setdefault(path.rsplit(".", 1)[-1], path)
+            hit = difflib.get_close_matches(loc[-1], list(deeper), n=1, cutoff=0.6)
+            close = [deeper[hit[0]]] if hit else []
         hint = f"; did you mean {'.'.join(loc[:-1] + (close[0],))!r}?" if close else ""
         known = f" (known keys{' of ' + '.'.join(loc[:-1]) if loc[:-1] else ''}: {', '.join(valid)})" if valid else ""
         return f"unknown config key {'.'.join(loc)!r}{where}{hint}{known if not close else ''}"
@@ -387,7 +438,7 @@ def _describe(cls: type, err: Mapping[str, Any], source: str | None) -> str:
         parent = _node_class(cls, loc)
         if m and parent is not None and m.group(1) in {f.name for f in dataclasses.fields(parent)}:
             return f"config key {'.'.join(loc + (m.group(1),))!r}{where}: {m.group(2)}"
-        return f"config {'.'.join(loc) or '(top level)'}{where}: {msg}"
+        return f"config key {'.'.join(loc)!r}{where}: {msg}" if loc else f"config{where}: {msg}"
     if kind == "missing_argument" or kind == "missing":
         return f"config key {'.'.join(loc)!r}{where} is required"
     value = err.get("input")
@@ -399,10 +450,12 @@ __all__ = [
     "ConfigError",
     "Literal",
     "MeshConfig",
+    "ModelSpec",
     "PromptConfig",
     "SamplingConfig",
     "build",
     "check",
+    "dataclass_of",
     "diff_keys",
     "field_type",
     "flatten",

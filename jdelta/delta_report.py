@@ -8,7 +8,7 @@ import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -118,7 +118,7 @@ def report_markdown(summary: Mapping[str, Any], title: str = "jdelta score", not
     return "\n".join(lines)
 
 
-def plot_delta_histogram(entries: Sequence[Mapping[str, Any]], path: str | os.PathLike, metric: str = "tv") -> None:
+def plot_delta_histogram(entries: Sequence[Mapping[str, Any]], path: str | os.PathLike | IO[bytes], metric: str = "tv") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -132,13 +132,17 @@ def plot_delta_histogram(entries: Sequence[Mapping[str, Any]], path: str | os.Pa
     ax.set_ylabel("prompts")
     ax.set_title(f"Answer divergence over {len(d)} prompts")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
 
 
 def write_report(run_dir: Path, entries: Sequence[Mapping[str, Any]], metric: str, notes: Sequence[str] = ()) -> dict:
+    """``report.json``, ``report.md`` and ``delta_hist.png`` in ``run_dir`` (each written atomically); returns the summary."""
+    from jdelta.runs import open_atomic, write_atomic
+
     summary = summarize(entries, metric)
-    (run_dir / "report.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    (run_dir / "report.md").write_text(report_markdown(summary, notes=notes))
-    plot_delta_histogram(entries, run_dir / "delta_hist.png", metric)
+    write_atomic(Path(run_dir) / "report.json", json.dumps(summary, indent=2, default=str) + "\n")
+    write_atomic(Path(run_dir) / "report.md", report_markdown(summary, notes=notes))
+    with open_atomic(Path(run_dir) / "delta_hist.png", "wb") as f:
+        plot_delta_histogram(entries, f, metric)
     return summary

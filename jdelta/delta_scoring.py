@@ -1,120 +1,78 @@
 """Δ per prompt for a teacher/student pair: sample n answers from each, class them, measure divergence.
 
 Library entry point: :func:`score_prompts` (models and records in memory, one dict per record).
-The ``jdelta score`` stage (:mod:`jdelta.stages.score`) runs it over shards of a run directory.
+The ``jdelta score`` stage (:mod:`jdelta.stages.score`) runs a :class:`Scorer` over shards of a
+run directory.
 
-Per prompt: the prompt goes through the data pipeline (image processing, chat template), the
-teacher and the student each sample ``n`` completions (:mod:`jdelta.sampling`), the completions
-are decoded, their final answers extracted and classed (:func:`jdelta.answers.class_answers`),
-and Δ is computed under every metric of :mod:`jdelta.divergence` together with the zero-delta
-flags: ``exact`` (identical empirical distributions), ``permutation`` (H0 "one answer
-distribution" not rejected at ``level``) and ``posterior`` (``P(Δ_true > epsilon) <=
-max_posterior``). With a reference answer, each model's sampled accuracy and majority-vote
-correctness are recorded, judged with the benchmark's own metric
-(:func:`jdelta.benchmark_metrics.answer_metric_for`).
+Per prompt: the prompt goes through the data pipeline (image processing, chat template; the one
+batch path of :mod:`jdelta.completions`), the teacher and the student each sample ``n``
+completions, the completions are decoded, their final answers extracted and classed
+(:func:`jdelta.answers.class_answers`), and Δ is computed under every metric of
+:mod:`jdelta.divergence` together with the zero-delta flags: ``exact`` (identical empirical
+distributions), ``permutation`` (H0 "one answer distribution" not rejected at ``level``) and
+``posterior`` (``P(Δ_true > epsilon) <= max_posterior``); the settings are one
+:class:`DeltaTestConfig`. With reference answers (every accepted one, a list), each model's
+sampled accuracy and majority-vote correctness are recorded, judged with the benchmark's own
+metric (:func:`jdelta.benchmark_metrics.answer_metric_for`).
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from jdelta import answers as ans
+from jdelta import completions
 from jdelta import divergence as dv
 from jdelta.benchmark_metrics import answer_metric_for, classing_type_for, references_of
-from jdelta.models.loading import check_pair, image_config_for, load_model
-
-DEFAULT_KEEP_COMPLETIONS = 3
-_SAMPLER_CACHE: dict[tuple, Any] = {}
-
-class PromptProcessor:
-    """Turns :class:`~jdelta.data.records.PromptRecord`s (or a source's raw items) into padded
-    batches with the data pipeline's per-record processing; failures become skip entries."""
-
-    def __init__(self, source, tokenizer, pipeline_config):
-        from jdelta.data.pipeline import ProcessRecord
-        from jdelta.data.tokenizer import SpecialTokens
-
-        self.source = source
-        self.config = pipeline_config
-        self.special = SpecialTokens.from_tokenizer(tokenizer)
-        self._process = ProcessRecord(source, tokenizer, pipeline_config)
-
-    def process(self, index: int) -> dict:
-        """Example dict, or ``{"_skip": reason, "message": ...}``."""
-        try:
-            raw = self.source[index]
-        except Exception as e:  # an unreadable item is a skipped record, not a crash
-            return {"_skip": "unreadable", "message": f"source index {index}: {type(e).__name__}: {e}"}
-        return self._process((index, raw))
-
-    def batches(self, examples: Sequence[dict]):
-        """Yield ``(examples_chunk, batch)`` with padding rows removed from the token arrays."""
-        from jdelta.data.pipeline import collate
-
-        b = self.config.batch_size
-        for start in range(0, len(examples), b):
-            chunk = list(examples[start : start + b])
-            batch = collate(chunk, self.config, self.special.pad)
-            k = len(chunk)
-            out = {"input_ids": batch["input_ids"][:k], "attention_mask": batch["attention_mask"][:k]}
-            n_img = sum(len(e["image_grid_thw"]) for e in chunk)
-            if n_img:
-                n_patch = sum(len(e["pixel_values"]) for e in chunk)
-                out["pixel_values"] = batch["pixel_values"][:n_patch]
-                out["image_grid_thw"] = batch["image_grid_thw"][:n_img]
-            yield chunk, out
+from jdelta.config import PromptConfig, SamplingConfig, build, check
 
 
-def record_id_of(source, index: int) -> str | None:
-    """Best-effort id of a source item (for skip entries); None if it cannot be parsed."""
-    try:
-        return source.to_record(source[index], index).id
-    except Exception:
-        pass
-    try:  # the record did not validate: its id may still be readable
-        raw = source[index]
-        raw = raw[1] if isinstance(raw, tuple) else raw
-        d = json.loads(raw) if isinstance(raw, (str, bytes)) else raw
-        rid = d.get("id") if isinstance(d, dict) else getattr(d, "id", None)
-        return None if rid is None else str(rid)
-    except Exception:
-        return None
+@dataclasses.dataclass(frozen=True)
+class DeltaTestConfig:
+    """How Δ is tested and reported.
+
+    metric: the Δ used by the permutation / posterior tests and the report (every metric is
+    recorded per prompt). level: permutation test level (zero-Δ if p > level). epsilon /
+    max_posterior: posterior test, zero-Δ if ``P(Δ_true > epsilon) <= max_posterior``.
+    num_permutations / num_posterior_draws: Monte-Carlo sizes. keep_completions: raw completions
+    kept per model per prompt.
+    """
+
+    metric: Literal[dv.METRICS] = "tv"
+    level: float = 0.05
+    epsilon: float = 0.1
+    max_posterior: float = 0.5
+    num_permutations: int = 999
+    num_posterior_draws: int = 1000
+    keep_completions: int = 3
+
+    def __post_init__(self):
+        check(self.metric in dv.METRICS, "metric", f"must be one of {dv.METRICS}, got {self.metric!r}")
+        check(0 < self.level < 1, "level", f"must be in (0, 1), got {self.level}")
+        check(self.epsilon >= 0, "epsilon", f"must be >= 0, got {self.epsilon}")
+        check(0 <= self.max_posterior <= 1, "max_posterior", f"must be in [0, 1], got {self.max_posterior}")
+        check(self.num_permutations >= 1, "num_permutations", f"must be >= 1, got {self.num_permutations}")
+        check(self.num_posterior_draws >= 1, "num_posterior_draws", f"must be >= 1, got {self.num_posterior_draws}")
+        check(self.keep_completions >= 0, "keep_completions", f"must be >= 0, got {self.keep_completions}")
 
 
-def decode_completions(tokenizer, tokens: np.ndarray, lengths: np.ndarray) -> list[str]:
-    """Text of each row's first ``length`` tokens (special tokens such as ``<|im_end|>`` dropped)."""
-    return [
-        tokenizer.decode([int(t) for t in row[: int(n)]], skip_special_tokens=True)
-        for row, n in zip(tokens, lengths, strict=True)
-    ]
-
-
-def make_sampler(model, *, mesh=None, pad_id: int, batch_size: int):
-    """A :class:`~jdelta.sampling.Sampler` with a fixed prompt-batch bucket, reused per model."""
-    from jdelta.sampling import Sampler
-
-    key = (id(model), id(mesh), int(pad_id), int(batch_size))
-    hit = _SAMPLER_CACHE.get(key)
-    if hit is None or hit.model is not model:
-        hit = _SAMPLER_CACHE[key] = Sampler(model, mesh=mesh, pad_id=pad_id, batch_buckets=(batch_size,))
-    return hit
-
-
-def sample_texts(sampler, tokenizer, batch: Mapping[str, np.ndarray], params, rng) -> tuple[list[list[str]], list]:
-    """``n`` decoded completions per prompt row (``[B][n]``) and the finish reasons."""
-    res = sampler.generate(batch, params, rng=rng)
-    texts = decode_completions(tokenizer, res.tokens, res.lengths)
-    b = batch["input_ids"].shape[0]
-    n = params.n
-    by_prompt = [texts[i * n : (i + 1) * n] for i in range(b)]
-    finish = [res.finish_reason[i * n : (i + 1) * n] for i in range(b)]
-    return by_prompt, finish
+def score_settings(flat: Mapping[str, Any]) -> tuple[SamplingConfig, PromptConfig, DeltaTestConfig]:
+    """A flat mapping of scoring settings (``n``, ``temperature``, ``max_pixels``, ``metric``, ...,
+    as a synthesis config's ``scorer.settings`` holds them) -> the three typed sections; an unknown
+    key raises :class:`jdelta.config.ConfigError` naming it."""
+    parts: dict[str, dict[str, Any]] = {"sampling": {}, "prompt": {}, "delta": {}}
+    owners = {f.name: name for name, cls in (("sampling", SamplingConfig), ("prompt", PromptConfig),
+                                              ("delta", DeltaTestConfig)) for f in dataclasses.fields(cls)}
+    for k, v in flat.items():
+        parts[owners.get(k, "delta")][k] = v  # unknown keys land in one section, which names them
+    return (build(SamplingConfig, parts["sampling"]), build(PromptConfig, parts["prompt"]),
+            build(DeltaTestConfig, parts["delta"]))
 
 
 def _f(x) -> float | None:
@@ -129,13 +87,7 @@ def delta_records(
     student_texts: Sequence[Sequence[str]],
     *,
     key,
-    metric: str = "tv",
-    level: float = 0.05,
-    epsilon: float = 0.1,
-    max_posterior: float = 0.5,
-    num_permutations: int = 999,
-    num_posterior_draws: int = 1000,
-    keep_completions: int = DEFAULT_KEEP_COMPLETIONS,
+    tests: DeltaTestConfig = DeltaTestConfig(),
     finish: tuple[Sequence[Sequence[str]], Sequence[Sequence[str]]] | None = None,
 ) -> list[dict]:
     """Classes, Δ under every metric, zero-delta flags and correctness for a group of prompts.
@@ -165,14 +117,15 @@ def delta_records(
     deltas = {k: np.asarray(v) for k, v in dv.all_divergences(t, s, m).items()}
     zero_exact = np.asarray(dv.is_zero_delta(t, s, m))
     k_perm, k_post = jax.random.split(key)
-    pval = np.asarray(dv.delta_permutation_pvalue(k_perm, t, s, m, metric=metric, num_permutations=num_permutations))
-    post = np.asarray(
-        dv.posterior_delta_exceeds(k_post, t, s, m, epsilon=epsilon, metric=metric, num_draws=num_posterior_draws)
-    )
+    pval = np.asarray(dv.delta_permutation_pvalue(k_perm, t, s, m, metric=tests.metric,
+                                                  num_permutations=tests.num_permutations))
+    post = np.asarray(dv.posterior_delta_exceeds(k_post, t, s, m, epsilon=tests.epsilon, metric=tests.metric,
+                                                 num_draws=tests.num_posterior_draws))
     t_acc = np.asarray(dv.reference_agreement(t, cor, m))
     s_acc = np.asarray(dv.reference_agreement(s, cor, m))
     t_maj = np.asarray(dv.majority_correct(t, cor, m))
     s_maj = np.asarray(dv.majority_correct(s, cor, m))
+    keep = tests.keep_completions
     out = []
     for i, rec in enumerate(records):
         c = classed[i]
@@ -200,13 +153,13 @@ def delta_records(
                 for j in range(c.num_classes)
             ],
             "delta": {k: _f(v[i]) for k, v in deltas.items()},
-            "delta_metric": metric,
+            "delta_metric": tests.metric,
             "p_value": _f(pval[i]),
             "posterior_delta_exceeds": _f(post[i]),
             "zero_delta": {
                 "exact": bool(zero_exact[i]),
-                "permutation": bool(pval[i] > level),
-                "posterior": bool(post[i] <= max_posterior),
+                "permutation": bool(pval[i] > tests.level),
+                "posterior": bool(post[i] <= tests.max_posterior),
             },
             "teacher_accuracy": _f(t_acc[i]) if has_ref else None,
             "student_accuracy": _f(s_acc[i]) if has_ref else None,
@@ -218,8 +171,8 @@ def delta_records(
                 "student": int(sum(1 for j in c.student_ids if c.labels[j] == ans.INVALID_LABEL)),
             },
             "completions": {
-                "teacher": list(teacher_texts[i][:keep_completions]),
-                "student": list(student_texts[i][:keep_completions]),
+                "teacher": list(teacher_texts[i][:keep]),
+                "student": list(student_texts[i][:keep]),
             },
         }
         if finish is not None:
@@ -232,123 +185,70 @@ def delta_records(
 
 
 def skip_entry(index: int, rid: str | None, reason: str, message: str) -> dict:
+    """The row of a prompt that could not be scored."""
     return {"id": rid, "index": int(index), "status": "skipped", "reason": reason, "message": message}
 
 
-# ----------------------------------------------------------------------------- library entry point
-
-
-class ScoreSettings(dict):
-    """Plain dict of the scoring settings (JSON-able, stored in the manifest)."""
-
-    DEFAULTS: dict[str, Any] = {
-        "n": 8,
-        "temperature": 1.0,
-        "top_p": 1.0,
-        "top_k": 0,
-        "max_new_tokens": 64,
-        "batch_size": 8,
-        "metric": "tv",
-        "level": 0.05,
-        "epsilon": 0.1,
-        "max_posterior": 0.5,
-        "num_permutations": 999,
-        "num_posterior_draws": 1000,
-        "keep_completions": DEFAULT_KEEP_COMPLETIONS,
-        "seed": 0,
-        "max_pixels": None,
-        "enable_thinking": None,
-        "system": None,
-    }
-
-    @classmethod
-    def make(cls, **kw) -> ScoreSettings:
-        unknown = set(kw) - set(cls.DEFAULTS)
-        if unknown:
-            raise TypeError(f"unknown score settings {sorted(unknown)}; known: {sorted(cls.DEFAULTS)}")
-        out = cls({**cls.DEFAULTS, **{k: v for k, v in kw.items() if v is not None}})
-        if out["metric"] not in dv.METRICS:
-            raise ValueError(f"--metric {out['metric']!r} is not one of {dv.METRICS}")
-        if int(out["n"]) < 1:
-            raise ValueError(f"n must be >= 1, got {out['n']}")
-        return out
+# ----------------------------------------------------------------------------- the scorer
 
 
 class Scorer:
-    """Teacher + student + tokenizer + processing, kept across shards (compiled programs reused)."""
+    """Teacher + student + tokenizer + prompt pipeline, kept across shards (compiled programs reused).
 
-    def __init__(self, teacher, student, tokenizer, settings: Mapping[str, Any], *, source, mesh=None):
-        from jdelta.data.pipeline import PipelineConfig
-        from jdelta.sampling import SamplingParams
+    ``teacher`` / ``student``: loaded Qwen3-VL models with the same prompt layout; ``session``:
+    the :class:`~jdelta.models.loading.ModelSession` whose samplers are used (a fresh one when None).
+    """
 
-        self.teacher, self.student, self.tokenizer = teacher, student, tokenizer
-        self.settings = ScoreSettings.make(**settings)
+    def __init__(self, teacher, student, tokenizer, *, sampling: SamplingConfig = SamplingConfig(),
+                 prompt: PromptConfig = PromptConfig(), tests: DeltaTestConfig = DeltaTestConfig(), session=None):
+        from jdelta.data.tokenizer import SpecialTokens
+        from jdelta.models.loading import ModelSession, check_pair, pipeline_config_for
+
         check_pair(teacher.config, student.config)
-        st = self.settings
-        self.pipeline_config = PipelineConfig(
-            batch_size=int(st["batch_size"]),
-            image=image_config_for(teacher.config, st["max_pixels"]),
-            system=st["system"],
-            enable_thinking=st["enable_thinking"],
-            on_error="skip",
-        )
-        self.source = source
-        self.processor = PromptProcessor(source, tokenizer, self.pipeline_config)
-        self.special = special = self.processor.special
-        self.params = SamplingParams(
-            temperature=float(st["temperature"]),
-            top_p=float(st["top_p"]),
-            top_k=int(st["top_k"]),
-            max_new_tokens=int(st["max_new_tokens"]),
-            stop_token_ids=special.stop_ids,
-            n=int(st["n"]),
-        )
-        bs = int(st["batch_size"])
-        self.teacher_sampler = make_sampler(teacher, mesh=mesh, pad_id=special.pad, batch_size=bs)
-        self.student_sampler = make_sampler(student, mesh=mesh, pad_id=special.pad, batch_size=bs)
+        self.teacher, self.student, self.tokenizer = teacher, student, tokenizer
+        self.sampling, self.prompt, self.tests = sampling, prompt, tests
+        self.session = session if session is not None else ModelSession()
+        self.pipeline_config = pipeline_config_for(teacher.config, prompt, batch_size=sampling.batch_size)
+        self.special = special = SpecialTokens.from_tokenizer(tokenizer)
+        self.params = completions.sampling_params(sampling, special.stop_ids)
+        self.teacher_sampler = self.session.sampler(teacher, pipeline=self.pipeline_config, pad_id=special.pad)
+        self.student_sampler = self.session.sampler(student, pipeline=self.pipeline_config, pad_id=special.pad)
         self.generate_calls = 0
 
-    def score_indices(self, indices: Sequence[int], key, progress=None) -> list[dict]:
-        """Score the given source indices; returns one entry per index, in order."""
+    def score(self, source, key, *, select: slice | None = None, progress=None) -> list[dict]:
+        """One entry per record of ``source`` (``select``: a slice of it), in source order."""
         import jax
 
-        st = self.settings
-        entries: dict[int, dict] = {}
-        good: list[tuple[int, dict]] = []
-        for i in indices:
-            ex = self.processor.process(i)
-            if "_skip" in ex:
-                entries[i] = skip_entry(i, record_id_of(self.source, i), ex["_skip"], ex["message"])
-                if progress is not None:
-                    progress.update(1)
-            else:
-                good.append((i, ex))
-        examples = [ex for _, ex in good]
+        batches = completions.prompt_batches(source, self.tokenizer, self.pipeline_config, select=select)
         recs, idxs, t_all, s_all, tf_all, sf_all = [], [], [], [], [], []
-        for b, (chunk, batch) in enumerate(self.processor.batches(examples)):
+        reported = 0
+        for b, batch in enumerate(batches):
             kb = jax.random.fold_in(key, b)
-            t_txt, t_fin = sample_texts(self.teacher_sampler, self.tokenizer, batch, self.params, jax.random.fold_in(kb, 0))
-            s_txt, s_fin = sample_texts(self.student_sampler, self.tokenizer, batch, self.params, jax.random.fold_in(kb, 1))
+            t_txt, t_fin = completions.sample_texts(self.teacher_sampler, self.tokenizer, batch.inputs, self.params,
+                                                    jax.random.fold_in(kb, 0))
+            s_txt, s_fin = completions.sample_texts(self.student_sampler, self.tokenizer, batch.inputs, self.params,
+                                                    jax.random.fold_in(kb, 1))
             self.generate_calls += 2
-            for e in chunk:
-                idx = int(e["record_index"])
-                recs.append(self.source.to_record(self.source[idx], idx))
-                idxs.append(idx)
+            recs += batch.records
+            idxs += batch.indices
             t_all += t_txt
             s_all += s_txt
             tf_all += t_fin
             sf_all += s_fin
             if progress is not None:
-                progress.update(len(chunk))
-        rows = delta_records(
-            recs, idxs, t_all, s_all, key=jax.random.fold_in(key, 1 << 20),
-            metric=st["metric"], level=st["level"], epsilon=st["epsilon"], max_posterior=st["max_posterior"],
-            num_permutations=int(st["num_permutations"]), num_posterior_draws=int(st["num_posterior_draws"]),
-            keep_completions=int(st["keep_completions"]), finish=(tf_all, sf_all),
-        )
-        for r in rows:
-            entries[r["index"]] = r
-        return [entries[i] for i in indices]
+                skipped = len(batches.skipped)
+                progress.update(len(batch.indices) + skipped - reported)
+                reported = skipped
+        skips = batches.skipped
+        if progress is not None:
+            progress.update(len(skips) - reported)
+        rows = delta_records(recs, idxs, t_all, s_all, key=jax.random.fold_in(key, 1 << 20), tests=self.tests,
+                             finish=(tf_all, sf_all))
+        rows += [skip_entry(s["record_index"], s["id"], s["reason"], s["message"]) for s in skips]
+        return sorted(rows, key=lambda r: r["index"])
+
+
+# ----------------------------------------------------------------------------- library entry point
 
 
 def score_prompts(
@@ -357,19 +257,25 @@ def score_prompts(
     records: Sequence[Any],
     *,
     tokenizer,
-    mesh=None,
-    seed: int = 0,
+    sampling: SamplingConfig = SamplingConfig(),
+    prompt: PromptConfig = PromptConfig(),
+    tests: DeltaTestConfig = DeltaTestConfig(),
+    seed: int | None = None,
+    session=None,
     progress: bool = False,
-    **settings: Any,
 ) -> list[dict]:
-    """Score in-memory prompt records with two loaded models (one dict per record, in order).
+    """Score in-memory prompt records with two models (one dict per record, in order).
 
     Args:
-      teacher, student: Qwen3-VL NNX models (same prompt layout), or HF checkpoint directories.
-      records: :class:`~jdelta.data.records.PromptRecord` list.
+      teacher, student: Qwen3-VL NNX models (same prompt layout), or HF checkpoint directories /
+        :class:`~jdelta.config.ModelSpec` (loaded through ``session``).
+      records: :class:`~jdelta.data.records.PromptRecord` list (or a records source).
       tokenizer: a loaded tokenizer or a directory holding one.
-      settings: see :class:`ScoreSettings` (``n``, ``temperature``, ``max_new_tokens``, ``metric``,
-        ``epsilon``, ``level``, ``batch_size``, ``max_pixels`` ...).
+      sampling, prompt, tests: the settings (:class:`~jdelta.config.SamplingConfig`,
+        :class:`~jdelta.config.PromptConfig`, :class:`DeltaTestConfig`).
+      seed: overrides ``sampling.seed``.
+      session: a :class:`~jdelta.models.loading.ModelSession` (its mesh places the models; its
+        samplers are reused across calls); None: a fresh one on one device.
 
     Returns:
       entries with ``status == "scored"`` (classes, Δ per metric, p-value, posterior, zero-delta
@@ -377,28 +283,23 @@ def score_prompts(
     """
     import jax
 
-    from jdelta.data.records import ListSource
     from jdelta.data.tokenizer import load_tokenizer
+    from jdelta.models.loading import ModelSession
 
+    session = session if session is not None else ModelSession()
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(tokenizer)
-    if isinstance(teacher, (str, os.PathLike)):
-        teacher, _ = load_model(teacher, mesh)
-    if isinstance(student, (str, os.PathLike)):
-        student, _ = load_model(student, mesh)
-    source = ListSource(records)
-    scorer = Scorer(teacher, student, tokenizer, {**settings, "seed": seed}, mesh=mesh, source=source)
-    bar = _bar(len(records), "score", progress)
+    if not hasattr(teacher, "config"):
+        teacher = session.model(teacher, role="teacher")
+    if not hasattr(student, "config"):
+        student = session.model(student, role="student")
+    scorer = Scorer(teacher, student, tokenizer, sampling=sampling, prompt=prompt, tests=tests, session=session)
+    bar = completions.progress_bar(len(records), "score", progress)
     try:
-        return scorer.score_indices(range(len(records)), jax.random.key(seed), bar)
+        return scorer.score(records, jax.random.key(sampling.seed if seed is None else int(seed)), progress=bar)
     finally:
         if bar is not None:
             bar.close()
 
 
-def _bar(total: int, desc: str, enabled: bool, initial: int = 0):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, unit="prompt", dynamic_ncols=True)
+__all__ = ["DeltaTestConfig", "Scorer", "delta_records", "score_prompts", "score_settings", "skip_entry"]

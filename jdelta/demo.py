@@ -24,6 +24,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from jdelta.testing import (  # noqa: F401 (TRANSITION: re-exported for the tests until the demo stage lands)
+    make_random_model_dir,
+    make_seeds,
+    make_tiny_pair,
+    make_tokenizer,
+    random_model_fast,
+)
+from jdelta.testing import tiny_config_for_tokenizer as tiny_config  # noqa: F401
+
 RANDOM_NOTE = (
     "The teacher and student here are tiny RANDOMLY INITIALISED Qwen3-VL models: their answers are noise, "
     "so Δ reflects random models, not real ones. The demo proves the plumbing, not a result."
@@ -33,125 +42,13 @@ RANDOM_NOTE = (
 # ----------------------------------------------------------------------------- building blocks
 
 
-def make_seeds(out_dir: str | Path, n: int, seed: int = 0, *, width: int = 192, height: int = 144) -> Path:
-    """``n`` procedurally generated prompt records -> ``out_dir/records.jsonl`` (images inline)."""
-    from jdelta.data.charts import generate_records
-    from jdelta.data.records import write_jsonl
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "records.jsonl"
-    write_jsonl(generate_records(n, seed, width=width, height=height), path)
-    return path
-
-
-def make_tokenizer(records_path: str | Path, out_dir: str | Path, vocab_size: int = 512):
-    """The demo BPE tokenizer trained on the records' text, saved in HF layout."""
-    from jdelta.data.charts import corpus_text
-    from jdelta.data.records import read_jsonl
-    from jdelta.data.tokenizer import build_demo_tokenizer
-
-    records = list(read_jsonl(records_path))
-    return build_demo_tokenizer(out_dir, corpus_text(records), vocab_size=vocab_size)
-
-
-def tiny_config(tokenizer, *, hidden: int = 64, layers: int = 2, vision_hidden: int = 32, vision_depth: int = 1):
-    """A tiny Qwen3-VL config for ``tokenizer`` (vision patch layout of the released models: 16 px
-    patches, 2x2 merge, 2 frames), with its special token ids."""
-    from jdelta.data.tokenizer import SpecialTokens
-    from jdelta.models.qwen3_vl import Qwen3VLConfig
-    from jdelta.models.qwen3_vl.config import Qwen3VLTextConfig, Qwen3VLVisionConfig
-
-    sp = SpecialTokens.from_tokenizer(tokenizer)
-    vocab = -(-len(tokenizer) // 64) * 64
-    head_dim = 16  # M-RoPE sections (2, 2, 4); heads = hidden / 16
-    if hidden % head_dim:
-        raise ValueError(f"hidden={hidden} must be a multiple of {head_dim}")
-    heads = hidden // head_dim
-    kv_heads = max(1, heads // 2)
-    text = Qwen3VLTextConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
-        mrope_section=(2, 2, 4),
-        max_position_embeddings=4096,
-    )
-    vis = Qwen3VLVisionConfig(
-        depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_heads=2,
-        out_hidden_size=hidden, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
-        num_position_embeddings=64, deepstack_visual_indexes=(0,),
-    )
-    return Qwen3VLConfig(text=text, vision=vis, image_token_id=sp.image_pad, video_token_id=sp.video_pad,
-                         vision_start_token_id=sp.vision_start, vision_end_token_id=sp.vision_end,
-                         tie_word_embeddings=False)
-
-
-def random_model_fast(config, seed: int = 0, *, logit_scale: float = 1.0):
-    """A randomly initialised model, drawn with NumPy into the abstract model's shapes.
-
-    Norm scales are 1, biases 0, other weights ``N(0, 1/fan_in)`` (embeddings ``N(0, 1)``);
-    the LM head is multiplied by ``logit_scale``. Much faster than running each layer's
-    initialiser eagerly on a busy CPU, and just as random.
-    """
-    import jax
-    import numpy as np
-    from flax import nnx
-
-    from jdelta.models.qwen3_vl.weights import abstract_model
-
-    model = abstract_model(config)
-    rng = np.random.default_rng(seed)
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        name = "/".join(str(p) for p in path)
-        shape = tuple(var.get_value().shape)
-        dtype = np.dtype(var.get_value().dtype)
-        if name.endswith("bias"):
-            value = np.zeros(shape)
-        elif "norm" in name:
-            value = np.ones(shape)
-        elif "embed" in name and len(shape) == 2 and "patch" not in name:
-            value = rng.standard_normal(shape)
-        else:
-            fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else shape[0]
-            value = rng.standard_normal(shape) / np.sqrt(max(fan_in, 1))
-        if "lm_head" in name:
-            value = value * logit_scale
-        var.set_value(jax.device_put(value.astype(dtype)))
-    return model
-
-
-def make_random_model_dir(config, tokenizer, path: str | Path, seed: int = 0, *, logit_scale: float = 1.0) -> Path:
-    """A randomly initialised model saved in HF layout with ``tokenizer`` beside it."""
-    from jdelta.models.qwen3_vl.weights import save_hf_checkpoint
-
-    path = Path(path)
-    model = random_model_fast(config, seed, logit_scale=logit_scale)
-    save_hf_checkpoint(model, config, path)
-    tokenizer.save_pretrained(str(path))
-    (path / "RANDOM_WEIGHTS.txt").write_text(
-        f"Randomly initialised (seed {seed}) by jdelta.demo; not a trained model.\n")
-    return path
-
-
-def make_tiny_pair(root: str | Path, tokenizer, *, seed: int = 0, teacher_hidden: int = 64, teacher_layers: int = 2,
-                   student_hidden: int = 32, student_layers: int = 1) -> tuple[Path, Path]:
-    """Teacher (larger) and student (smaller) random models sharing ``tokenizer`` under ``root``."""
-    root = Path(root)
-    t_cfg = tiny_config(tokenizer, hidden=teacher_hidden, layers=teacher_layers)
-    s_cfg = tiny_config(tokenizer, hidden=student_hidden, layers=student_layers, vision_hidden=16)
-    # A peaked (larger-logit) teacher answers more consistently than the student: some structure
-    # for Δ to see, still random.
-    teacher = make_random_model_dir(t_cfg, tokenizer, root / "teacher", seed + 1, logit_scale=4.0)
-    student = make_random_model_dir(s_cfg, tokenizer, root / "student", seed + 2)
-    return teacher, student
-
-
 # ----------------------------------------------------------------------------- distillation
 
 
 def distill_available() -> bool:
-    """Whether the ``jdelta distill`` stage (``jdelta.distill.stage.run_distill``) is installed."""
+    """Whether the ``jdelta distill`` stage (``jdelta.stages.distill.train``) is installed."""
     try:
-        from jdelta.distill.stage import run_distill  # noqa: F401
+        from jdelta.stages.distill import train  # noqa: F401
     except ImportError:
         return False
     return True
@@ -175,9 +72,9 @@ def distill_config(teacher_dir: Path, student_dir: Path, prompts_path: Path, out
         },
         "train": {"steps": steps, "log_every": 1, "seed": seed},
         "optimizer": {"learning_rate": 1e-3, "weight_decay": 0.0, "warmup_fraction": 0.25},
-        "checkpoint": {"save_every": steps, "keep": 1, "async": False},
+        "checkpoint": {"save_every": steps, "keep": 1, "async_save": False},
         "distill": {"mode": "va_opd", "rollouts_per_prompt": rollouts, "temperature": 1.0, "top_p": 1.0,
-                    "max_new_tokens": max_new_tokens, "kl_chunk": 16, "completion_bucket": 16,
+                    "max_new_tokens": max_new_tokens, "chunk_size": 16, "completion_bucket": 16,
                     "prompt_bucket": 32, "seed": seed},
         "export": {"path": str(export_dir)},
     }
@@ -187,12 +84,12 @@ def distill_student(teacher_dir: Path, student_dir: Path, prompts_path: Path, ou
                     progress: bool = True, **kw: Any) -> dict[str, Any]:
     """A few VA-OPD steps of the student through the ``jdelta distill`` stage, then HF export
     (with the tokenizer copied beside the weights)."""
+    from jdelta.config import build
     from jdelta.data.tokenizer import load_tokenizer
-    from jdelta.distill.stage import run_distill
+    from jdelta.stages.distill import Config, train
 
     cfg = distill_config(teacher_dir, student_dir, prompts_path, out_dir, export_dir, **kw)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    summary = run_distill(cfg, progress=progress)
+    summary = train(build(Config, {**cfg, "progress": progress})).summary
     load_tokenizer(teacher_dir).save_pretrained(str(export_dir))
     (export_dir / "RANDOM_WEIGHTS.txt").write_text(
         f"A random student after {summary['steps']} VA-OPD steps towards a random teacher (jdelta demo); "
@@ -249,7 +146,7 @@ def run_demo(out: str | Path, *, n_prompts: int = 48, seed: int = 0, n: int = 4,
     if distill_steps > 0 and distill_available():
         entries = [json.loads(x) for x in (out / "score" / "scores.jsonl").read_text().splitlines() if x.strip()]
         keep = {e["id"] for e in entries if e["status"] == "scored" and not e["zero_delta"]["exact"]}
-        train_path = out / "distill" / "prompts.jsonl"
+        train_path = out / "distill_prompts.jsonl"  # beside the distill run directory (it holds only its run)
         write_jsonl([r for r in read_jsonl(seeds) if r.id in keep], train_path)
         print(f"\ndistilling on {len(keep)} non-zero-Δ prompts ({distill_steps} VA-OPD steps)", flush=True)
         t2 = time.perf_counter()

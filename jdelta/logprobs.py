@@ -235,9 +235,9 @@ def score_completions(
     inputs are sharded by ``jdelta.sharding``'s rules (batch over ``data``/``fsdp``).
     """
     if rope_index_fn is None:
-        from jdelta.sampling import _default_rope_index
+        from jdelta.sampling import default_rope_index
 
-        rope_index_fn = _default_rope_index(model)
+        rope_index_fn = default_rope_index(model)
     host = prepare_score_inputs(prompt_batch, completion_tokens, completion_mask, rope_index_fn)
     graphdef, state = nnx.split(model)
     comp = np.asarray(host["input_ids"][:, -np.asarray(completion_tokens).shape[1]:])

@@ -157,6 +157,7 @@ class RunDir:
         self.overwrite = overwrite
         self.ignore = tuple(ignore)
         self.manifest: dict[str, Any] = {}
+        self.previous: dict[str, Any] = {}  # the manifest of the run this one resumes ({} when fresh)
         self.resumed = False
         self._lock_fd: int | None = None
 
@@ -239,6 +240,7 @@ class RunDir:
             self.clear()
             return
         self.resumed = True
+        self.previous = old
 
     def differences(self, old: Mapping[str, Any]) -> list[str]:
         """Dotted keys of config and inputs that differ from a previous manifest's."""

@@ -39,12 +39,15 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from jdelta.buckets import bucket
 from jdelta.sharding import Rules, activation_sharding, state_shardings
 
 NEG_INF = -jnp.inf
 
-# Default padded shapes: prompt lengths and image patch counts round up to the next of these
-# (beyond the last, to the next multiple of it), so compilation happens a bounded number of times.
+# Default padded shapes for direct calls (short text prompts start at 32): lengths and patch counts
+# round up with :func:`jdelta.buckets.bucket`. Callers fed by the prompt pipeline pass the
+# pipeline's buckets instead (``Sampler(..., seq_buckets=cfg.seq_buckets, ...)``), so a batch is
+# padded once.
 DEFAULT_SEQ_BUCKETS: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 DEFAULT_PATCH_BUCKETS: tuple[int, ...] = (256, 1024, 4096, 16384)
 DEFAULT_IMAGE_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
@@ -266,15 +269,6 @@ def _constrain_cache(cache: Any, mesh: Mesh | None, rules: Rules | None) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def bucket(n: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket >= ``n``; past the largest, the next multiple of the largest."""
-    for b in buckets:
-        if n <= b:
-            return int(b)
-    top = int(buckets[-1])
-    return -(-n // top) * top
-
-
 def pad_batch(
     batch: Mapping[str, Any],
     *,
@@ -315,7 +309,7 @@ def pad_batch(
     return out
 
 
-def _default_rope_index(model: nnx.Module) -> Callable[..., tuple[np.ndarray, np.ndarray]]:
+def default_rope_index(model: nnx.Module) -> Callable[..., tuple[np.ndarray, np.ndarray]]:
     if hasattr(model, "get_rope_index"):
         return model.get_rope_index
     from jdelta.models.qwen3_vl import get_rope_index
@@ -492,7 +486,8 @@ class Sampler:
       rope_index_fn: ``(input_ids [B,S], image_grid_thw [N,3] | None, attention_mask [B,S])
         -> (position_ids [3,B,S], rope_deltas [B])`` in NumPy; default: Qwen3-VL's
         ``get_rope_index`` with ``model.config``.
-      seq_buckets / patch_buckets / image_buckets: padded shapes (see :func:`bucket`).
+      seq_buckets / patch_buckets / image_buckets: padded shapes (see :func:`jdelta.buckets.bucket`);
+        pass the prompt pipeline's when its batches are the input (then nothing is padded again).
       batch_buckets: if given, the prompt batch is padded with all-padding rows up to a
         bucket too (e.g. a last partial batch); their outputs are dropped.
       pad_id: token written after a row's end and used for left padding.
@@ -517,7 +512,7 @@ class Sampler:
         self.model = model
         self.mesh = mesh
         self.rules = rules
-        self.rope_index_fn = rope_index_fn or _default_rope_index(model)
+        self.rope_index_fn = rope_index_fn or default_rope_index(model)
         self.seq_buckets = tuple(seq_buckets)
         self.patch_buckets = tuple(patch_buckets)
         self.image_buckets = tuple(image_buckets)

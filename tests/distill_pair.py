@@ -7,7 +7,8 @@ import jax
 from jdelta.distill.loop import run_loop
 from jdelta.distill.on_policy import DistillConfig, OnPolicyDistiller, heldout_reverse_kl, make_distill_loss
 from jdelta.distill.step import make_train_step
-from jdelta.distill.synthetic import random_model, random_prompts, tiny_config
+from jdelta.distill.synthetic import random_prompts
+from jdelta.testing import random_model, tiny_config
 from jdelta.distill.train_state import OptimizerConfig, TrainState, make_optimizer, make_schedule
 
 TEACHER_CFG = tiny_config(hidden=48, layers=2)
@@ -19,7 +20,7 @@ def distill_pair(mode: str, steps: int, **overrides):
     teacher = random_model(TEACHER_CFG, 1, logit_scale=10.0)
     student = random_model(STUDENT_CFG, 2)
     cfg = DistillConfig(mode=mode, rollouts_per_prompt=4, temperature=1.0, top_p=1.0, max_new_tokens=8,
-                        stop_token_ids=(3,), kl_chunk=8, completion_bucket=8, prompt_bucket=16, **overrides)
+                        stop_token_ids=(3,), chunk_size=8, completion_bucket=8, prompt_bucket=16, **overrides)
     ocfg = OptimizerConfig(learning_rate=1e-2, total_steps=steps, warmup_steps=5, weight_decay=0.0)
     state = TrainState.create(student, make_optimizer(ocfg))
     distiller = OnPolicyDistiller(state.model(), teacher, cfg, random_prompts(STUDENT_CFG, batch=4, seed=0))

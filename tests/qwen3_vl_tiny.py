@@ -1,9 +1,8 @@
-"""Tiny random Qwen3-VL checkpoints and input builders shared by the Qwen3-VL tests.
+"""Parity harness of the Qwen3-VL tests: bucketed jitted forwards, the HF reference, the tolerance check.
 
-``tiny_hf_config()``: 2 text layers, 2 vision layers with DeepStack at [0, 1], interleaved
-M-RoPE, GQA. ``randomize`` draws weights at std 0.1 (HF's default 0.02 gives near-zero
-logits, which would make a 1e-4 tolerance meaningless). Inputs are padded to one static
-BUCKET so a test file compiles the model only a few times.
+The tiny configs, random checkpoints and input builders live in :mod:`jdelta.testing`
+(re-exported here). Inputs are padded to one static BUCKET so a test file compiles the model
+only a few times.
 """
 
 import functools
@@ -13,79 +12,23 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 from flax import nnx
-from transformers import Qwen3VLConfig as HFConfig
-from transformers import Qwen3VLForConditionalGeneration as HFModel
+from transformers import Qwen3VLConfig as HFConfig  # noqa: F401 (re-exported)
 
 from jdelta.models.qwen3_vl import get_rope_index
-from jdelta.models.qwen3_vl.weights import load_hf_checkpoint
+from jdelta.testing import (  # noqa: F401 (re-exported for the Qwen3-VL tests)
+    IMG,
+    PAD,
+    PATCH_DIM,
+    VEND,
+    VSTART,
+    image_tokens,
+    make_batch,
+    tiny_checkpoint,
+    tiny_hf_config,
+)
+from jdelta.testing import randomize_hf as randomize  # noqa: F401
 
-IMG, VSTART, VEND, PAD = 250, 252, 253, 0
-PATCH_DIM = 3 * 2 * 16 * 16
 TOL = 1e-4
-
-
-def tiny_hf_config(tie=True):
-    return HFConfig(
-        text_config=dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
-                         rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0,
-                                          "mrope_section": [2, 3, 3], "mrope_interleaved": True}),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
-                           deepstack_visual_indexes=[0, 1]),
-        image_token_id=IMG, video_token_id=251, vision_start_token_id=VSTART, vision_end_token_id=VEND,
-        tie_word_embeddings=tie)
-
-
-def randomize(hf):
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0.0, 0.1)
-    return hf
-
-
-def tiny_checkpoint(path, tie=True):
-    """Build a random tiny HF model, ``save_pretrained`` it to ``path``, load it with jdelta.
-    Returns ``(hf_model, jdelta_model, jdelta_config, path)``."""
-    torch.manual_seed(0)
-    hf = randomize(HFModel(tiny_hf_config(tie)).eval())
-    hf.save_pretrained(path)
-    model, config = load_hf_checkpoint(path)
-    return hf, model, config, path
-
-
-def image_tokens(grid):
-    t, h, w = grid
-    return [VSTART] + [IMG] * (t * h * w // 4) + [VEND]
-
-
-def make_batch(rows, pad_to=None, seed=0):
-    """rows: list of lists of segments (int count of text tokens, or a (t,h,w) image grid).
-    Returns left-padded numpy inputs in HF format."""
-    rng = np.random.default_rng(seed)
-    seqs, grids = [], []
-    for row in rows:
-        seq = []
-        for seg in row:
-            if isinstance(seg, tuple):
-                seq += image_tokens(seg)
-                grids.append(seg)
-            else:
-                seq += list(rng.integers(1, 240, seg))
-        seqs.append(seq)
-    s = pad_to or max(len(q) for q in seqs)
-    ids = np.full((len(seqs), s), PAD, np.int64)
-    mask = np.zeros((len(seqs), s), np.int64)
-    for i, q in enumerate(seqs):
-        ids[i, s - len(q):] = q
-        mask[i, s - len(q):] = 1
-    grid = np.array(grids, np.int64).reshape(-1, 3) if grids else None
-    pv = rng.normal(size=(int(grid.prod(-1).sum()), PATCH_DIM)).astype(np.float32) if grids else None
-    return ids, mask, pv, grid
 
 
 # One static shape for every test input, so a test file compiles the model a handful of

@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from jdelta.data.records import PromptRecord
+from jdelta.errors import UserError
 from jdelta.data.image_processor import (
     ImageConfig,
     ImageError,
+    decode_image,
     pixelate,
     process_image,
     process_images,
@@ -137,6 +140,30 @@ def test_errors_name_the_record():
         process_image(_random_image(3, 30, "RGB", 0), record="rec-10", min_side=8)
     with pytest.raises(ImageError, match=r"record 'rec-11'.*uint8"):
         process_image(np.zeros((4, 4, 3), np.float32), record="rec-11")
+
+
+def test_corrupt_image_file_message_names_the_path(tmp_path):
+    """A record's image file that does not decode: one line naming the record and the file (PIL's
+    own message named a ``<_io.BytesIO object at 0x...>``)."""
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"definitely not an image")
+    buf = io.BytesIO()
+    _random_image(40, 40, "RGB", 1).save(buf, format="PNG")
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(buf.getvalue()[:120])  # a half-written PNG
+    rec = PromptRecord(id="c1", images=[str(broken), str(cut), buf.getvalue()[:120]], question="q")
+    for i, path in ((0, broken), (1, cut)):
+        with pytest.raises(ImageError) as e:
+            decode_image(rec.image_bytes(i), record=rec.id, name=rec.image_name(i))
+        msg = str(e.value)
+        assert msg.startswith(f"record 'c1' image {i} ({path}): undecodable image ("), msg
+        assert "BytesIO" not in msg and "\n" not in msg and isinstance(e.value, UserError)
+    with pytest.raises(ImageError, match=r"^record 'c1' image 2: undecodable image \(") as e:
+        decode_image(rec.image_bytes(2), record=rec.id, name=rec.image_name(2))
+    assert "BytesIO" not in str(e.value)
+    # a path handed straight to decode_image names itself
+    with pytest.raises(ImageError, match=rf"^image {broken}: undecodable image"):
+        decode_image(broken)
 
 
 def test_pixelate_matches_definition():

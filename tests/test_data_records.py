@@ -1,5 +1,6 @@
 """Prompt records: round trips through JSONL / ArrayRecord, foreign layouts, TFDS and HF readers, make-seeds."""
 
+import base64
 import io
 import json
 
@@ -7,8 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from jdelta import answers as ans
+from jdelta.benchmark_metrics import references_of
 from jdelta.cli import main as cli_main
 from jdelta.data.charts import generate_records
+from jdelta.errors import UserError
 from jdelta.data.records import (
     LAYOUTS,
     ArrayRecordSource,
@@ -72,6 +76,93 @@ def test_bad_records_name_file_line_and_id(tmp_path):
         PromptRecord.from_json({**good.to_json(), "answer_type": "float"})
     with pytest.raises(RecordError, match="cannot read image 0"):
         PromptRecord(id="p", images=[str(tmp_path / "nope.png")], question="q").image_bytes(0)
+
+
+def _line(**fields) -> str:
+    base = {"id": "r", "images": [{"b64": base64.b64encode(_png(1)).decode()}], "question": "How many?"}
+    return json.dumps({**base, **fields})
+
+
+def test_a_list_of_accepted_answers_stays_a_list(tmp_path):
+    """``"answer": ["123", "124"]`` keeps both (it used to become the string "['123', '124']")."""
+    p = tmp_path / "multi.jsonl"
+    p.write_text(_line(id="m1", answer=["123", "124"]) + "\n" + _line(id="m2", answer=12) + "\n")
+    rec, num = read_jsonl(p)
+    assert rec.answer == "123" and rec.meta["answers"] == ["123", "124"]
+    assert rec.answers == references_of(rec) == ["123", "124"]
+    # a correct "124" scores 1 against the list (it scored 0 against the stringified list)
+    assert ans.score_against_reference(["124"], references_of(rec), metric="exact_match").tolist() == [1.0]
+    assert (num.answer, num.answers, "answers" in num.meta) == ("12", ["12"], False)  # a JSON number: its text
+    # kept through both writers: JSONL and ArrayRecord (bytes) round trips
+    write_jsonl([rec], tmp_path / "again.jsonl")
+    write_array_record([rec], tmp_path / "again.array_record")
+    for back in (*read_jsonl(tmp_path / "again.jsonl"), *read_array_record(tmp_path / "again.array_record")):
+        assert (back.answer, references_of(back)) == ("123", ["123", "124"])
+    # DocVQA / InfoVQA layouts keep every accepted answer too
+    doc = LAYOUTS["docvqa"]({"questionId": 1, "question": "Date?", "answers": ["1 May", "May 1"], "image": _png(2)}, 0)
+    assert references_of(doc) == ["1 May", "May 1"]
+    assert references_of(PromptRecord(id="n", images=[], question="q")) is None
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        ([], r"bad\.jsonl:1 \(id 'e'\): answer list is empty"),
+        (["a", None], r"bad\.jsonl:1 \(id 'e'\): answer 1 must be a string, got NoneType"),
+        (["a", ["b"]], r"bad\.jsonl:1 \(id 'e'\): answer 1 must be a string, got list"),
+        (True, r"bad\.jsonl:1 \(id 'e'\): answer must be a string, got bool"),
+        ({"text": "a"}, r"bad\.jsonl:1 \(id 'e'\): answer must be a string, got dict"),
+    ],
+)
+def test_bad_answer_lists_name_the_record(tmp_path, answer, message):
+    p = tmp_path / "bad.jsonl"
+    p.write_text(_line(id="e", answer=answer) + "\n")
+    with pytest.raises(RecordError, match=message) as e:
+        next(read_jsonl(p))
+    assert e.value.reason == "invalid_answer" and "\n" not in str(e.value) and isinstance(e.value, UserError)
+
+
+def test_answer_list_disagreeing_with_meta_answers_and_empty_layout_lists():
+    with pytest.raises(RecordError, match=r"record 'x': answer list .* and meta.answers .* differ"):
+        PromptRecord.from_json(json.loads(_line(id="x", answer=["1", "2"], meta={"answers": ["3"]})))
+    same = PromptRecord.from_json(json.loads(_line(id="y", answer=["1", "2"], meta={"answers": ["1", "2"]})))
+    assert same.answers == ["1", "2"]
+    with pytest.raises(RecordError, match=r"record 'z': meta.answers must be a non-empty list of strings"):
+        PromptRecord.from_json(json.loads(_line(id="z", answer="1", meta={"answers": [1]})))
+    with pytest.raises(RecordError, match=r"docvqa\[4\]: answer list is empty"):
+        LAYOUTS["docvqa"]({"question": "q", "answers": [], "image": _png(1)}, 4)
+    with pytest.raises(RecordError, match=r"chartqa\[0\]: answer 0 must be a string, got NoneType"):
+        LAYOUTS["chartqa"]({"query": "q", "label": [None], "image": _png(1)}, 0)
+
+
+def test_non_utf8_line_names_file_line_and_id(tmp_path):
+    """A line with invalid UTF-8 is a RecordError naming file, line and (if readable) id; it used to
+    escape as a bare UnicodeDecodeError that the pipeline reported as "source index 2: ..."."""
+    p = tmp_path / "latin1.jsonl"
+    good = _line(id="ok").encode()
+    bad = _line(id="u7", question="caf\u00e9?").encode().replace("caf\\u00e9".encode(), b"caf\xe9")
+    no_id = b'{"id": "\xff", "images": [], "question": "q"}'
+    p.write_bytes(good + b"\n" + bad + b"\n" + no_id + b"\n")
+    src = JsonlSource(p)
+    assert src.to_record(src[0], 0).id == "ok"
+    with pytest.raises(RecordError, match=r"latin1\.jsonl:2 \(id 'u7'\): not valid UTF-8 \(byte 0xe9 at offset \d+\)$") as e:
+        src.to_record(src[1], 1)
+    assert e.value.reason == "invalid_utf8"
+    with pytest.raises(RecordError, match=r"latin1\.jsonl:3: not valid UTF-8 \(byte 0xff at offset 8\)$"):
+        src.to_record(src[2], 2)
+    # the same through ArrayRecord entries (raw bytes too)
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    w = ArrayRecordWriter(str(tmp_path / "r.array_record"), "group_size:1")
+    w.write(bad)
+    w.close()
+    with pytest.raises(RecordError, match=r"r\.array_record\[0\] \(id 'u7'\): not valid UTF-8"):
+        next(read_array_record(tmp_path / "r.array_record"))
+
+
+def test_image_name_says_which_file():
+    rec = PromptRecord(id="p", images=[_png(1), "/data/x.png"], question="q")
+    assert (rec.image_name(0), rec.image_name(1)) == ("image 0", "image 1 (/data/x.png)")
 
 
 def test_foreign_layouts():
@@ -178,7 +269,7 @@ def test_hf_save_to_disk(tmp_path):
     assert Image.open(io.BytesIO(r.images[0])).size == (15, 40)
 
 
-def test_make_seeds_cli(tmp_path):
+def test_make_seeds_cli(tmp_path, capsys):
     out = tmp_path / "seeds"
     argv = ["make-seeds", "--out", str(out), "--n", "30", "--seed", "4", "--width", "128", "--height", "96"]
     assert cli_main(argv + ["--tokenizer-vocab", "500"]) == 0
@@ -187,8 +278,11 @@ def test_make_seeds_cli(tmp_path):
     assert manifest["count"] == len(recs) == 30 and sum(manifest["counts"]["family"].values()) == 30
     assert manifest["config"]["seed"] == 4 and (out / "tokenizer" / "tokenizer.json").is_file()
     assert [r.to_json() for r in recs] == [r.to_json() for r in generate_records(30, 4, width=128, height=96)]
-    with pytest.raises(SystemExit, match="already holds"):
-        cli_main(argv)
+    capsys.readouterr()
+    assert cli_main(argv + ["--tokenizer-vocab", "500"]) == 0  # same settings: nothing to do
+    assert "already holds this dataset" in capsys.readouterr().out
+    assert cli_main(argv) == 2  # other settings: refused, naming the key
+    assert "config.tokenizer_vocab (500 -> 0)" in capsys.readouterr().err
     assert cli_main(argv + ["--overwrite", "--workers", "2"]) == 0  # parallel drawing: same records
     assert [r.to_json() for r in read_jsonl(out / "records.jsonl")] == [r.to_json() for r in recs]
     assert (
@@ -211,5 +305,6 @@ def test_make_seeds_cli(tmp_path):
     )
     got = list(read_array_record(tmp_path / "ar" / "records.array_record"))
     assert {r.family for r in got} <= {"trend", "total"} and len(got) == 5
-    with pytest.raises(SystemExit, match="unknown family"):
-        cli_main(["make-seeds", "--out", str(tmp_path / "x"), "--n", "5", "--families", "bogus"])
+    assert cli_main(["make-seeds", "--out", str(tmp_path / "x"), "--n", "5", "--families", "bogus"]) == 2
+    assert "config key 'families': unknown family 'bogus'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -7,16 +7,17 @@ import numpy as np
 from distill_pair import STUDENT_CFG, TEACHER_CFG
 
 from jdelta.distill.on_policy import DistillConfig, OnPolicyDistiller, make_distill_loss
-from jdelta.distill.synthetic import random_model, random_prompts
+from jdelta.distill.synthetic import random_prompts
+from jdelta.testing import random_model
 from jdelta.distill.train_state import OptimizerConfig, TrainState, make_optimizer
 
 
 def test_gkd_off_policy_teacher_samples_and_beta_limit():
     teacher = random_model(TEACHER_CFG, 1, logit_scale=10.0)
-    state = TrainState.create(random_model(STUDENT_CFG, 2), make_optimizer(OptimizerConfig()))
+    state = TrainState.create(random_model(STUDENT_CFG, 2), make_optimizer(OptimizerConfig(total_steps=10)))
     cfg = DistillConfig(mode="gkd", gkd_lambda=0.0, off_policy_source="teacher", gkd_beta=1.0,
                         rollouts_per_prompt=2, temperature=1.0, top_p=1.0, max_new_tokens=6, stop_token_ids=(3,),
-                        kl_chunk=8, completion_bucket=8, prompt_bucket=16)
+                        chunk_size=8, completion_bucket=8, prompt_bucket=16)
     distiller = OnPolicyDistiller(state.model(), teacher, cfg, random_prompts(STUDENT_CFG, batch=2, seed=5,
                                                                                with_image=False))
     inp = distiller.produce(state, 0)

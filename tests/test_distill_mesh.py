@@ -7,14 +7,15 @@ from distill_pair import STUDENT_CFG, TEACHER_CFG
 
 from jdelta.distill.on_policy import DistillConfig, OnPolicyDistiller, make_distill_loss
 from jdelta.distill.step import jit_train_step, make_train_step, shard_batch, shard_state
-from jdelta.distill.synthetic import random_model, random_prompts
+from jdelta.distill.synthetic import random_prompts
+from jdelta.testing import random_model
 from jdelta.distill.train_state import OptimizerConfig, TrainState, make_optimizer
 from jdelta.sharding import make_mesh
 
 
 def test_sharded_distill_step_matches_single_device():
     cfg = DistillConfig(mode="va_opd", rollouts_per_prompt=4, temperature=1.0, top_p=1.0, max_new_tokens=8,
-                        stop_token_ids=(3,), kl_chunk=8, completion_bucket=8, prompt_bucket=16)
+                        stop_token_ids=(3,), chunk_size=8, completion_bucket=8, prompt_bucket=16)
     # lr 1e-4 (the recipe uses 1e-6): Adam turns a relative rounding difference of a gradient
     # entry into the same relative difference of its update, so the absolute gap scales with lr.
     ocfg = OptimizerConfig(learning_rate=1e-4, total_steps=10, warmup_steps=0, weight_decay=0.1)

@@ -4,8 +4,11 @@ import numpy as np
 import pytest
 from distill_pair import STUDENT_CFG, distill_pair
 
-from jdelta.distill.on_policy import DistillConfig, OnPolicyDistiller, assemble_batch, cut_at_special
-from jdelta.distill.synthetic import random_model, random_prompts, tiny_config
+from jdelta.config import ConfigError, build
+from jdelta.distill.batch import assemble_batch, cut_at_special
+from jdelta.distill.on_policy import DistillConfig, OnPolicyDistiller
+from jdelta.distill.synthetic import random_prompts
+from jdelta.testing import random_model, tiny_config
 
 
 def test_on_policy_reverse_kl_learns():
@@ -40,7 +43,11 @@ def test_rollouts_cut_before_vision_placeholders():
 
 
 def test_config_errors():
-    with pytest.raises(ValueError, match="distill.mode"):
+    with pytest.raises(ValueError, match="mode: must be one of"):
         DistillConfig(mode="forward")
-    with pytest.raises(ValueError, match="unknown distill options"):
-        DistillConfig.from_dict({"modee": "gkd"})
+    with pytest.raises(ConfigError, match="unknown config key 'modee'; did you mean 'mode'"):
+        build(DistillConfig, {"modee": "gkd"})
+    with pytest.raises(ConfigError, match="config key 'gkd_lambda': must be in"):
+        build(DistillConfig, {"gkd_lambda": 1.5})
+    with pytest.raises(ConfigError, match="config key 'chunk_size': must be >= 1"):
+        build(DistillConfig, {"chunk_size": 0})

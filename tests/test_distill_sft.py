@@ -17,7 +17,8 @@ from jdelta.distill.sft import (
     sft_batches,
 )
 from jdelta.distill.step import make_train_step
-from jdelta.distill.synthetic import random_model, random_prompts
+from jdelta.distill.synthetic import random_prompts
+from jdelta.testing import random_model
 from jdelta.distill.train_state import OptimizerConfig, TrainState, make_optimizer
 from jdelta.sampling import SamplingParams, generate
 
@@ -52,7 +53,7 @@ def test_sft_learns_teacher_responses(tmp_path):
             f.write(__import__("json").dumps({"prompt_ids": p, "response_ids": res.tokens[i, : lengths[i]].tolist()})
                     + "\n")
     records = read_sft_records(path)
-    cfg = SFTConfig(chunk=4, completion_bucket=8, prompt_bucket=16)
+    cfg = SFTConfig(chunk_size=4, completion_bucket=8, prompt_bucket=16)
     ocfg = OptimizerConfig(learning_rate=1e-2, schedule="constant", warmup_steps=0, total_steps=40, weight_decay=0.0)
     state = TrainState.create(random_model(STUDENT_CFG, 2), make_optimizer(ocfg))
     producer = SFTProducer(state.model(), sft_batches(records, batch_size=8, seed=0), cfg)

@@ -52,8 +52,8 @@ def sampled(tmp_path_factory):
     _hf_model(tok, sp, 32, 1, 1, student_dir)
     prompts = root / "prompts.jsonl"
     write_jsonl(records, prompts)
-    out = root / "samples.jsonl"
-    assert main(["sample", "--model", str(teacher_dir), "--prompts", str(prompts), "--out", str(out),
+    out = root / "sample" / "samples.jsonl"  # `jdelta sample --out` is a run directory
+    assert main(["sample", "--model", str(teacher_dir), "--prompts", str(prompts), "--out", str(out.parent),
                  "--n", str(N_SAMPLES), "--batch-size", "2", "--max-new-tokens", "8", "--temperature", "1.0",
                  "--min-pixels", str(MIN_PIXELS), "--max-pixels", str(MAX_PIXELS)]) == 0
     n_real = len(out.read_text().splitlines())
@@ -112,7 +112,7 @@ def _eval_nll(model_dir, out, prompts, tok, n_rows):
     model, _ = load_hf_checkpoint(model_dir)
     it = sample_sft_batches(out, prompts, tokenizer=tok, shuffle=False,
                             config=PipelineConfig(batch_size=n_rows, image=IMAGE))
-    cfg = SFTConfig(chunk=8, completion_bucket=8, prompt_bucket=16, pad_id=SpecialTokens.from_tokenizer(tok).pad)
+    cfg = SFTConfig(chunk_size=8, completion_bucket=8, prompt_bucket=16, pad_id=SpecialTokens.from_tokenizer(tok).pad)
     batch = SFTProducer(model, it, cfg).produce(None, 0).batch
     assert batch["pixel_values"].size and np.asarray(batch["image_grid_thw"]).any()
     _, aux = make_sft_loss(cfg)(model, batch, None, None)
@@ -120,7 +120,8 @@ def _eval_nll(model_dir, out, prompts, tok, n_rows):
 
 
 def test_sft_on_sample_output_through_distill_stage(sampled, tmp_path):
-    from jdelta.distill.stage import run_distill
+    from jdelta.config import build
+    from jdelta.stages.distill import Config, train
 
     root, _, student_dir, prompts, out, tok, sp, _ = sampled
     rows, skips = read_sample_output(out, open_records(prompts),
@@ -133,11 +134,11 @@ def test_sft_on_sample_output_through_distill_stage(sampled, tmp_path):
                  "pipeline": {"image": {"min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS}}},
         "train": {"steps": 40, "log_every": 10},
         "optimizer": {"learning_rate": 1e-2, "schedule": "constant", "warmup_steps": 0, "weight_decay": 0.0},
-        "checkpoint": {"save_every": 1000, "async": False},
-        "sft": {"chunk": 8, "completion_bucket": 8, "prompt_bucket": 16},
-        "export": {"path": str(tmp_path / "hf")},
+        "checkpoint": {"save_every": 1000, "async_save": False},
+        "sft": {"chunk_size": 8, "completion_bucket": 8, "prompt_bucket": 16},
+        "export": {"path": str(tmp_path / "hf")}, "progress": False,
     }
-    s = run_distill(cfg, progress=False)
+    s = train(build(Config, cfg)).summary
     assert s["steps"] == 40 and s["nan_steps"] == 0
     assert s["data_skipped"]["counts"].get("missing_prompt") == 1, s["data_skipped"]
     assert sum(s["data_skipped"]["counts"].values()) == skips.total

@@ -6,6 +6,7 @@ import pytest
 from distill_tiny import TinyLM, ce_loss, make_batch
 from flax import nnx
 
+from jdelta.config import ConfigError, build
 from jdelta.distill.step import jit_train_step, make_train_step, shard_batch, shard_state
 from jdelta.distill.train_state import OptimizerConfig, TrainState, make_optimizer, make_schedule
 from jdelta.sharding import make_mesh
@@ -27,8 +28,13 @@ def test_schedule_warmup_cosine():
     assert float(s(5)) == pytest.approx(1e-6)
     assert float(s(100)) == pytest.approx(0.0, abs=1e-12)
     assert float(s(3)) < float(s(5)) and float(s(50)) < float(s(10))
-    with pytest.raises(ValueError, match="unknown optimizer options"):
-        OptimizerConfig.from_dict({"lr": 1.0})
+    with pytest.raises(ConfigError, match="unknown config key 'lr'"):
+        build(OptimizerConfig, {"lr": 1.0})
+    with pytest.raises(ConfigError, match="config key 'learning_rate': must be > 0, got -0.001"):
+        build(OptimizerConfig, {"learning_rate": -1e-3})
+    assert build(OptimizerConfig, {"learning_rate": "1e-3"}).learning_rate == 1e-3  # YAML reads 1e-3 as a string
+    with pytest.raises(ValueError, match="total_steps is not set"):
+        make_schedule(OptimizerConfig())
 
 
 def test_step_learns_and_counts():

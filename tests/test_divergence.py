@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
+from scipy.special import gammaln, xlogy
 from scipy.spatial.distance import jensenshannon
 
 from jdelta import divergence as D
@@ -209,11 +210,122 @@ def test_permutation_test_is_calibrated_under_h0():
     rate_cons = (p_cons <= level).mean()
     rate_rand = (p_rand <= level).mean()
     assert 0.015 <= rate_cons <= level + 0.02, rate_cons
-    assert abs(rate_rand - level) <= 0.022, rate_rand
-    # Power: a real shift is flagged far more often.
-    s_alt = rng.multinomial(16, probs[::-1], size=1000)
-    p_alt = np.asarray(D.delta_permutation_pvalue(jax.random.key(2), t, s_alt, num_permutations=99))
-    assert (p_alt <= level).mean() > 0.8
+    assert abs(rate_rand - level) <= 0.022, rate_rand  # a loose check; the exact ones follow
+
+
+# Exact reference for two answer classes. A prompt's table is (teacher x of n_t in class 0, student
+# k - x of n_s). Under H0 (one shared distribution), given the pooled k the teacher count of a
+# random re-split is hypergeometric(n_t + n_s, k, n_t), so the B Monte-Carlo statistics are i.i.d.
+# and (#greater, #equal) than the observed Δ is multinomial. The p-value is (rank) / (B + 1) with
+# rank = 1 + #greater + U: U = #equal for the conservative rule, U uniform on {0..#equal} for
+# randomised ties. Both distributions are enumerated exactly below.
+
+
+def _two_class_delta_key(x, k, nt, ns, metric):
+    """A value per teacher count ``x`` that is equal exactly where Δ ties (TV: an integer)."""
+    x = np.asarray(x, np.int64)
+    if metric == "tv":
+        return np.abs(x * ns - (k - x) * nt)  # = n_t n_s |x/n_t - (k-x)/n_s|
+    p = np.stack([x / nt, 1 - x / nt], -1)
+    q = np.stack([(k - x) / ns, 1 - (k - x) / ns], -1)
+    m = (p + q) / 2
+    js = 0.5 * (xlogy(p, p / np.where(m > 0, m, 1)).sum(-1) + xlogy(q, q / np.where(m > 0, m, 1)).sum(-1))
+    return np.round(js / np.log(2), 9)
+
+
+def _exact_rank_pmf(x0, k, nt, ns, b, metric="tv", randomize=True):
+    """``[B + 1]``: P(rank = r), r = 1..B+1, of the Monte-Carlo p-value ``rank / (B + 1)`` given the
+    observed teacher count ``x0`` of class 0 and the pooled count ``k``."""
+    xs = np.arange(max(0, k - ns), min(k, nt) + 1)
+    pmf = stats.hypergeom(nt + ns, k, nt).pmf(xs)
+    d, d0 = _two_class_delta_key(xs, k, nt, ns, metric), _two_class_delta_key(x0, k, nt, ns, metric)
+    q_gt, q_eq, q_lt = pmf[d > d0].sum(), pmf[d == d0].sum(), pmf[d < d0].sum()
+    g, e = np.meshgrid(np.arange(b + 1), np.arange(b + 1), indexing="ij")
+    ok = g + e <= b
+    rest = np.where(ok, b - g - e, 0)
+    log_w = (gammaln(b + 1) - gammaln(g + 1) - gammaln(e + 1) - gammaln(rest + 1)
+             + xlogy(g, q_gt) + xlogy(e, q_eq) + xlogy(rest, q_lt))
+    w = np.where(ok, np.exp(log_w), 0.0)  # P(#greater = g, #equal = e)
+    out = np.zeros(b + 2)
+    for gi, ei in zip(*np.nonzero(ok), strict=True):
+        if randomize:
+            out[gi + 1 : gi + ei + 2] += w[gi, ei] / (ei + 1)
+        else:
+            out[gi + ei + 1] += w[gi, ei]
+    return out[1:]
+
+
+def _assert_ranks_follow(pvalues, pmf, b, what):
+    """p-values on the grid r / (B + 1), with rank counts passing a chi-square test against ``pmf``."""
+    ranks = np.asarray(pvalues, np.float64) * (b + 1)
+    np.testing.assert_allclose(ranks, np.round(ranks), atol=1e-3, err_msg=f"{what}: p off the r/(B+1) grid")
+    counts = np.bincount(np.round(ranks).astype(int) - 1, minlength=b + 1)
+    assert counts.size == b + 1, what
+    expected = pmf * len(ranks)
+    assert not counts[pmf < 1e-12].any(), (what, "ranks of probability 0", counts, np.round(expected, 1))
+    big = expected >= 5  # pool the sparse ranks into one bin
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    keep = exp > 1e-9
+    if keep.sum() > 1:
+        pv = stats.chisquare(obs[keep], exp[keep]).pvalue
+        assert pv > 1e-4, (what, pv, counts, np.round(expected, 1))
+
+
+# (n_t, n_s, pooled k, observed teacher count x0): ties with the mirror table, Δ = 0 (every
+# re-split ties or exceeds), a Δ in the tail, unequal sample sizes.
+TWO_CLASS_TABLES = [(8, 8, 8, 6), (8, 8, 8, 4), (8, 8, 7, 1), (6, 10, 7, 4)]
+
+
+@pytest.mark.parametrize("metric", ["tv", "js"])
+def test_permutation_pvalues_follow_the_exact_two_class_distribution(metric):
+    """Given the table, the p-value's distribution over the Monte-Carlo draws is known exactly (see
+    above); 2500 replicas of each table check it rank by rank, for both tie rules. A tie rank off
+    by one or a mid-p rule (ties counted half) moves mass between ranks and fails here."""
+    b, reps = 19, 2500
+    t = np.concatenate([np.tile([[x0, nt - x0]], (reps, 1)) for nt, ns, k, x0 in TWO_CLASS_TABLES])
+    s = np.concatenate([np.tile([[k - x0, ns - k + x0]], (reps, 1)) for nt, ns, k, x0 in TWO_CLASS_TABLES])
+    for randomize in (True, False):
+        pv = np.asarray(D.delta_permutation_pvalue(jax.random.key(7), t, s, metric=metric, num_permutations=b,
+                                                   randomize_ties=randomize))
+        for i, (nt, ns, k, x0) in enumerate(TWO_CLASS_TABLES):
+            pmf = _exact_rank_pmf(x0, k, nt, ns, b, metric, randomize)
+            _assert_ranks_follow(pv[i * reps : (i + 1) * reps], pmf, b, (metric, randomize, nt, ns, k, x0))
+    # The reference itself: averaged over the observed table under H0, randomised ranks are exactly
+    # uniform (size = level at every r / (B + 1)); the conservative rule never exceeds the level.
+    for nt, ns, k, _ in TWO_CLASS_TABLES:
+        xs = np.arange(max(0, k - ns), min(k, nt) + 1)
+        h0 = stats.hypergeom(nt + ns, k, nt).pmf(xs)
+        rand = sum(w * _exact_rank_pmf(x, k, nt, ns, b, metric) for x, w in zip(xs, h0, strict=True))
+        cons = sum(w * _exact_rank_pmf(x, k, nt, ns, b, metric, False) for x, w in zip(xs, h0, strict=True))
+        np.testing.assert_allclose(rand, 1 / (b + 1), rtol=1e-9)
+        assert (np.cumsum(cons) <= np.arange(1, b + 2) / (b + 1) + 1e-12).all()
+
+
+def test_randomised_permutation_test_exact_size_and_power():
+    """Prompts drawn under H0 and under a shift (two classes, n_t = n_s = 12, B = 19): the rejection
+    rate at level 0.1 (rank <= 2) must equal its exact value, 0.1 under H0 and the power computed
+    from the binomial tables under the shift, within 4 standard errors (4000 prompts, SE <= 0.008)."""
+    n, b, rows, level_rank = 12, 19, 4000, 2
+    rng = np.random.default_rng(3)
+    for p_t, p_s in ((0.4, 0.4), (0.75, 0.3)):
+        xt, xs = rng.binomial(n, p_t, rows), rng.binomial(n, p_s, rows)
+        pv = np.asarray(D.delta_permutation_pvalue(
+            jax.random.key(11), np.stack([xt, n - xt], 1), np.stack([xs, n - xs], 1), num_permutations=b,
+            randomize_ties=True))
+        # exact: P(rank <= 2) = sum over the tables of P(table) P(rank <= 2 | table)
+        exact = sum(
+            stats.binom.pmf(a, n, p_t) * stats.binom.pmf(c, n, p_s)
+            * _exact_rank_pmf(a, a + c, n, n, b)[:level_rank].sum()
+            for a in range(n + 1) for c in range(n + 1)
+        )
+        rate = (pv <= level_rank / (b + 1) + 1e-6).mean()
+        se = np.sqrt(exact * (1 - exact) / rows)
+        assert abs(rate - exact) <= 4 * se, (p_t, p_s, rate, exact)
+        if p_t == p_s:
+            np.testing.assert_allclose(exact, level_rank / (b + 1), rtol=1e-9)  # exact size under H0
+        else:
+            assert exact > 0.6  # the shift is really detectable, so the comparison has teeth
 
 
 def test_posterior_delta_exceeds_matches_numpy_monte_carlo():

@@ -22,7 +22,13 @@ from safetensors.torch import load_file, save_file
 from transformers import Qwen3VLForConditionalGeneration as HFModel
 
 from jdelta.models.qwen3_vl import Qwen3VLConfig, Qwen3VLForConditionalGeneration
-from jdelta.models.qwen3_vl.weights import CheckpointMismatchError, load_hf_checkpoint, save_hf_checkpoint
+from jdelta.errors import UserError
+from jdelta.models.qwen3_vl.weights import (
+    CheckpointFileError,
+    CheckpointMismatchError,
+    load_hf_checkpoint,
+    save_hf_checkpoint,
+)
 from jdelta.sharding import make_mesh
 
 
@@ -121,6 +127,46 @@ def test_mismatched_checkpoint_fails_with_clear_message(ckpt, tmp_path):
         load_hf_checkpoint(tmp_path / "missing_one")
     with pytest.raises(FileNotFoundError, match="no Qwen3-VL config"):
         load_hf_checkpoint(tmp_path)
+
+
+def test_truncated_safetensors_names_the_file(ckpt, tmp_path):
+    """A half-written safetensors file: one line naming the file (it used to be numpy's
+    "mmap length is greater than file size")."""
+    _, _, _, path = ckpt
+    data = (path / "model.safetensors").read_bytes()
+    for name, cut in (("half", len(data) // 2), ("header", 20), ("stub", 5)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text((path / "config.json").read_text())
+        (tmp_path / name / "model.safetensors").write_bytes(data[:cut])
+        with pytest.raises(CheckpointFileError) as e:
+            load_hf_checkpoint(tmp_path / name)
+        msg = str(e.value)
+        assert msg.startswith(f"{tmp_path / name / 'model.safetensors'}: ") and "\n" not in msg, msg
+        assert isinstance(e.value, UserError)
+    with pytest.raises(CheckpointFileError, match=rf"half/model.safetensors: truncated safetensors file \({len(data) // 2} "
+                                                  rf"bytes, its header describes {len(data)}\)"):
+        load_hf_checkpoint(tmp_path / "half")
+    with pytest.raises(CheckpointFileError, match=r"header/model.safetensors: truncated or not a safetensors file"):
+        load_hf_checkpoint(tmp_path / "header")
+
+
+def test_save_is_atomic(ckpt, tmp_path, monkeypatch):
+    """A save that fails part-way leaves no file under the real name (nor a stray .tmp)."""
+    import jdelta.models.qwen3_vl.weights as w
+
+    _, model, config, _ = ckpt
+    calls, to_hf_layout = [], w.to_hf_layout
+
+    def boom(p, v, c):
+        calls.append(p)
+        if len(calls) == 5:
+            raise RuntimeError("killed mid-save")
+        return to_hf_layout(p, v, c)
+
+    monkeypatch.setattr(w, "to_hf_layout", boom)
+    with pytest.raises(RuntimeError, match="killed mid-save"):
+        save_hf_checkpoint(model, config, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json"]
 
 
 def test_legacy_key_layout_loads(ckpt, tmp_path):

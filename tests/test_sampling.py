@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
+from mesh_checks import assert_array_layout, assert_layout, watch_sampler
 from sampling_tiny_lm import full_logits, left_padded_batch, make_model, tiny_rope_index
 from scipy import stats
 
@@ -238,16 +240,31 @@ def test_bad_input_errors(model, sampler):
 
 
 def test_mesh_matches_single_device(model):
-    """fsdp=4 x tensor=2 on 8 CPU devices gives the same samples as one device."""
+    """fsdp=4 x tensor=2 on 8 CPU devices gives the same samples as one device, and really runs
+    sharded: parameters, the KV cache and the outputs are split over the 8 devices."""
     rows = PROMPTS * 2
     params = SamplingParams(temperature=0.8, top_k=20, max_new_tokens=6, n=2)
     single = Sampler(model, rope_index_fn=tiny_rope_index, seq_buckets=(8,))
     mesh = make_mesh({"fsdp": 4, "tensor": 2})
     sharded = Sampler(model, mesh=mesh, rope_index_fn=tiny_rope_index, seq_buckets=(8,))
+    prefill_out, decode_out = watch_sampler(sharded)
     a = single.generate(left_padded_batch(rows), params, rng=3)
     b = sharded.generate(left_padded_batch(rows), params, rng=3)
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
     np.testing.assert_allclose(a.raw_logprobs, b.raw_logprobs, atol=1e-4)
+    # the layout: 8 prompts x n=2 = 16 rows over fsdp=4, KV heads (2) and vocab over tensor=2
+    _, state = sharded._state()
+    assert_array_layout("embed", state["embed"].get_value(), mesh, P("tensor", "fsdp"))
+    assert_array_layout("wq", state["layers"][0]["wq"].get_value(), mesh, P("fsdp", "tensor"))
+    assert_array_layout("wd", state["layers"][1]["wd"].get_value(), mesh, P("tensor", "fsdp"))
+    (cache, _, deltas), out = prefill_out.shardings[0], decode_out.shardings[0]
+    kv_shape = (2, 16, 8 + 6, 2, 8)  # [layers, rows, slots, kv heads, head dim]
+    for name, sh in (("prefill k", cache.k), ("prefill v", cache.v), ("decode k", out.cache.k)):
+        assert_layout(name, sh, kv_shape, mesh, P(None, "fsdp", None, "tensor", None))
+    assert_layout("rope deltas", deltas, (16,), mesh, P("fsdp"))
+    for name in ("tokens", "logprobs", "raw_logprobs"):
+        assert_layout(name, getattr(out, name), (16, 6), mesh, P("fsdp", None))
+    assert_layout("lengths", out.lengths, (16,), mesh, P("fsdp"))
     g = sharded.generate(left_padded_batch(rows), SamplingParams(temperature=0, max_new_tokens=6), rng=0)
     np.testing.assert_array_equal(g.tokens, naive_greedy(model, rows, 6)[0])

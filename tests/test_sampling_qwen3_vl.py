@@ -9,6 +9,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from jax.sharding import PartitionSpec as P
+from mesh_checks import assert_array_layout, assert_layout, watch_sampler
 from qwen3_vl_tiny import IMG, PAD, PATCH_DIM, VEND, VSTART, tiny_checkpoint
 
 from jdelta.logprobs import score_completions
@@ -116,14 +118,31 @@ def test_scoring_matches_transformers_log_softmax(ckpt, sampler):
     np.testing.assert_allclose(res.raw_logprobs, ref, atol=1e-4)
 
 
-@pytest.mark.slow  # the mesh equality is proved fast on the stand-in LM in test_sampling.py
-def test_mesh_matches_single_device(ckpt):
+def test_mesh_matches_single_device(ckpt, sampler):
+    """fsdp=4 x tensor=2 on the 8 CPU devices: the same samples as one device (the module's sampler,
+    same buckets), and really sharded: weights, KV cache and outputs split over the 8 devices."""
     _, model = ckpt
     batch = make_batch(CASES["left_padded_batch"], seed=5)
-    params = SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=STEPS, n=4)
-    kw = dict(seq_buckets=(48,), patch_buckets=(128,), image_buckets=(4,))
-    single = Sampler(model, **kw).generate(batch, params, rng=2)
-    sharded = Sampler(model, mesh=make_mesh({"fsdp": 4, "tensor": 2}), **kw).generate(batch, params, rng=2)
+    params = SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=STEPS, n=2)
+    mesh = make_mesh({"fsdp": 4, "tensor": 2})
+    on_mesh = Sampler(model, mesh=mesh, seq_buckets=(48,), patch_buckets=(128,), image_buckets=(4,),
+                      batch_buckets=(2,))
+    prefill_out, decode_out = watch_sampler(on_mesh)
+    single = sampler.generate(batch, params, rng=2)
+    sharded = on_mesh.generate(batch, params, rng=2)
     np.testing.assert_array_equal(single.tokens, sharded.tokens)
     np.testing.assert_allclose(single.logprobs, sharded.logprobs, atol=1e-4)
     np.testing.assert_allclose(single.raw_logprobs, sharded.raw_logprobs, atol=1e-4)
+    assert len(set(sharded.tokens.reshape(-1).tolist())) >= 3  # really sampling
+    _, state = on_mesh._state()
+    text = state["language_model"]
+    assert_array_layout("q_proj", text["layers"][0]["self_attn"]["q_proj"]["kernel"].get_value(), mesh,
+                        P("fsdp", "tensor"))
+    assert_array_layout("embed_tokens", text["embed_tokens"].get_value(), mesh, P("tensor", "fsdp"))
+    # 2 prompts x n=2 = 4 rows over fsdp=4; the 2 KV heads over tensor=2; 48 + STEPS cache slots
+    (cache, _, _), out = prefill_out.shardings[0], decode_out.shardings[0]
+    kv_shape = (2, 4, 48 + STEPS, 2, 16)
+    for name, sh in (("prefill k", cache.k), ("decode k", out.cache.k), ("decode v", out.cache.v)):
+        assert_layout(name, sh, kv_shape, mesh, P(None, "fsdp", None, "tensor", None))
+    for name in ("tokens", "logprobs", "raw_logprobs"):
+        assert_layout(name, getattr(out, name), (4, STEPS), mesh, P("fsdp", None))

@@ -1,21 +1,29 @@
-"""``jdelta score`` on a tiny random Qwen3-VL pair: valid output, counts that add up, resume."""
+"""``jdelta score`` on a tiny random Qwen3-VL pair: valid output, counts that add up, resume, and
+the run-directory guarantees (lock, reuse refusal naming keys, content-hashed inputs, failed starts)."""
 
 import base64
 import json
+import shutil
 
 import numpy as np
 import pytest
 
+from jdelta import completions
 from jdelta import divergence as dv
 from jdelta.cli import main
+from jdelta.config import build
 from jdelta.data.records import read_jsonl, write_jsonl
-from jdelta.delta_scoring import delta_records, score_prompts
-from jdelta.demo import make_seeds, make_tiny_pair, make_tokenizer
-from jdelta.stages.score import run_score
+from jdelta.delta_scoring import DeltaTestConfig, delta_records, score_prompts
+from jdelta.errors import RunDirError, UserError
+from jdelta.runs import RunDir
+from jdelta.stages.score import Config, run_score
+from jdelta.testing import make_seeds, make_tiny_pair, make_tokenizer
 
 N_GOOD = 6
-SETTINGS = dict(n=2, max_new_tokens=6, batch_size=4, max_pixels=64 * 64, num_permutations=99,
-                num_posterior_draws=100, progress=False)
+SETTINGS = {"sampling": {"n": 2, "max_new_tokens": 6, "batch_size": 4}, "prompt": {"max_pixels": 64 * 64},
+            "delta": {"num_permutations": 99, "num_posterior_draws": 100}, "progress": False}
+FLAGS = ["--n", "2", "--max-new-tokens", "6", "--batch-size", "4", "--max-pixels", str(64 * 64),
+         "--num-permutations", "99", "--num-posterior-draws", "100", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +44,15 @@ def setup(tmp_path_factory):
     return root, prompts, teacher, student, tok
 
 
-def prompts_of(setup):
-    return setup[1]
+def config(teacher, student, prompts, out, **over) -> Config:
+    mapping = {"teacher": str(teacher), "student": str(student), "prompts": str(prompts), "out": str(out),
+               **SETTINGS, **over}
+    return build(Config, mapping)
+
+
+def cli_args(teacher, student, prompts, out, *extra):
+    return ["score", "--teacher", str(teacher), "--student", str(student), "--prompts", str(prompts),
+            "--out", str(out), *FLAGS, *extra]
 
 
 def _entries(run_dir):
@@ -57,7 +72,7 @@ def test_score_counts_add_up_and_resume(setup, tmp_path):
             raise Killed
 
     with pytest.raises(Killed):  # "killed" after two of the five shards were written
-        run_score(teacher, student, prompts, out, shard_size=2, after_shard=kill_after_two, **SETTINGS)
+        run_score(config(teacher, student, prompts, out, shard_size=2), after_shard=kill_after_two)
     shards = sorted((out / "shards").glob("shard-*.jsonl"))
     assert [p.name for p in shards] == ["shard-00000.jsonl", "shard-00001.jsonl"]
     assert not list((out / "shards").glob("*.tmp"))
@@ -65,10 +80,10 @@ def test_score_counts_add_up_and_resume(setup, tmp_path):
     assert not (out / "scores.jsonl").exists()
 
     # The rerun scores only the missing shards, stopping after one more (a second interruption).
-    m = run_score(teacher, student, prompts, out, shard_size=2, max_shards=1, **SETTINGS)
+    m = run_score(config(teacher, student, prompts, out, shard_size=2, max_shards=1))
     assert m["shards"] == {"total": 5, "resumed": 2, "scored_now": 1, "done": 3} and not m["complete"]
     assert m["counts"]["accounted"] == 6 and m["counts"]["remaining"] == total - 6
-    m = run_score(teacher, student, prompts, out, shard_size=2, **SETTINGS)
+    m = run_score(config(teacher, student, prompts, out, shard_size=2))
     assert m["complete"] and m["shards"]["resumed"] == 3 and m["shards"]["scored_now"] == 2
     for p in sorted((out / "shards").glob("shard-*.jsonl"))[:2]:  # never rewritten
         assert (p.read_bytes(), p.stat().st_mtime_ns) == before[p.name]
@@ -95,7 +110,8 @@ def test_score_counts_add_up_and_resume(setup, tmp_path):
         assert e["delta"]["tv"] == pytest.approx(float(dv.answer_divergence(t, s)[0]), abs=1e-6)
         assert e["zero_delta"]["exact"] == (e["delta"]["tv"] == 0.0)
         assert 0 < e["p_value"] <= 1 and 0 <= e["posterior_delta_exceeds"] <= 1
-        assert e["reference"] and e["answer_metric"] in ("relaxed_accuracy", "exact_match", "mc_accuracy")
+        assert isinstance(e["reference"], list) and e["reference"]
+        assert e["answer_metric"] in ("relaxed_accuracy", "exact_match", "mc_accuracy")
         assert len(e["completions"]["teacher"]) == 2
 
     report = json.loads((out / "report.json").read_text())
@@ -106,31 +122,34 @@ def test_score_counts_add_up_and_resume(setup, tmp_path):
     md = (out / "report.md").read_text()
     assert f"{total} input = {N_GOOD} scored + 3 skipped" in md
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["config"]["teacher"]["config_sha256"] and manifest["config"]["settings"]["n"] == 2
+    assert manifest["inputs"]["teacher"]["config_sha256"] and manifest["config"]["sampling"]["n"] == 2
+    assert manifest["inputs"]["prompts"]["content"].startswith("blake2b:")
 
-    # Same settings reproduce the same samples: an uninterrupted run writes identical records.
-    # (through the command line this time)
-    rc = main(["score", "--teacher", str(teacher), "--student", str(student), "--prompts", str(prompts),
-               "--out", str(tmp_path / "fresh"), "--shard-size", "2", "--n", "2", "--max-new-tokens", "6",
-               "--batch-size", "4", "--max-pixels", str(64 * 64), "--num-permutations", "99",
-               "--num-posterior-draws", "100", "--no-progress"])
-    assert rc == 0
+    # Same settings reproduce the same samples: an uninterrupted run writes identical records
+    # (through the command line this time).
+    assert main(cli_args(teacher, student, prompts, tmp_path / "fresh", "--shard-size", "2")) == 0
     assert json.loads((tmp_path / "fresh" / "manifest.json").read_text())["complete"]
-    strip = lambda es: [e if e["status"] == "scored" else (e["id"], e["reason"]) for e in es]
-    assert strip(_entries(tmp_path / "fresh")) == strip(entries)
+    assert _entries(tmp_path / "fresh") == entries
 
-    # A different setting in the same run dir is refused, not mixed in.
-    with pytest.raises(ValueError, match="different settings"):
-        run_score(teacher, student, prompts, out, shard_size=2, **{**SETTINGS, "n": 3})
+    # A different setting in the same run dir is refused, naming the key, not mixed in.
+    with pytest.raises(RunDirError, match=r"other settings: config\.sampling\.n \(2 -> 3\)"):
+        run_score(config(teacher, student, prompts, out, shard_size=2, sampling={**SETTINGS["sampling"], "n": 3}))
 
 
 def test_score_prompts_library_call(setup):
     root, _, teacher, student, tok = setup
     records = list(read_jsonl(root / "seeds" / "records.jsonl"))[:3]
-    settings = {k: v for k, v in SETTINGS.items() if k != "progress"}
-    rows = score_prompts(teacher, student, records, tokenizer=tok, **settings)
+    s = SETTINGS
+    rows = score_prompts(teacher, student, records, tokenizer=tok, sampling=build_part("sampling"),
+                         prompt=build_part("prompt"), tests=DeltaTestConfig(**s["delta"]))
     assert [r["id"] for r in rows] == [r.id for r in records]
     assert all(r["status"] == "scored" and set(r["delta"]) == set(dv.METRICS) for r in rows)
+
+
+def build_part(name):
+    from jdelta.config import PromptConfig, SamplingConfig
+
+    return build({"sampling": SamplingConfig, "prompt": PromptConfig}[name], SETTINGS[name])
 
 
 def test_delta_records_on_known_answers():
@@ -146,8 +165,8 @@ def test_delta_records_on_known_answers():
     ]
     teacher = [["Answer: 12", "The answer is twelve"], ["yes", "Yes."], ["cat", "cat"]]
     student = [["\\boxed{12.0}", "12"], ["no", "No"], ["cat", "dog"]]
-    rows = delta_records(recs, [0, 1, 2], teacher, student, key=jax.random.key(0), num_permutations=99,
-                         num_posterior_draws=200)
+    rows = delta_records(recs, [0, 1, 2], teacher, student, key=jax.random.key(0),
+                         tests=DeltaTestConfig(num_permutations=99, num_posterior_draws=200))
     same, diff, noref = rows
     assert same["delta"]["tv"] == 0.0 and same["zero_delta"]["exact"] and same["p_value"] == 1.0
     assert same["teacher_accuracy"] == 1.0 and same["student_accuracy"] == 1.0
@@ -158,31 +177,169 @@ def test_delta_records_on_known_answers():
     assert noref["delta"]["tv"] == 0.5 and noref["reference"] is None and noref["teacher_accuracy"] is None
 
 
-def test_bad_prompts_file_is_a_clear_error(setup, tmp_path, capsys):
-    _, _, teacher, student, _ = setup
-    with pytest.raises(ValueError, match="unknown records format"):
-        run_score(teacher, student, tmp_path / "prompts.csv", tmp_path / "out", **SETTINGS)
+def test_list_references_stay_lists_end_to_end(setup, tmp_path, monkeypatch):
+    """issue 11.1: ``"answer": ["123", "124"]``: a correct "123" (or "124") scores 1, through the stage."""
+    _, prompts, teacher, student, _ = setup
+    good = json.loads(prompts.read_text().splitlines()[0])
+    rec = dict(good, id="several", answer=["123", "124"], answer_type="number")
+    path = tmp_path / "list.jsonl"
+    path.write_text(json.dumps(rec) + "\n")
+
+    def fake(sampler, tokenizer, batch, params, rng):  # teacher says 123, student 124: both right
+        b = batch["input_ids"].shape[0]
+        text = "Answer: 123" if sampler is calls["teacher"] else "Answer: 124"
+        return [[text] * params.n] * b, [["stop"] * params.n] * b
+
+    calls = {}
+    real_init = completions.make_sampler
+
+    def remember(model, **kw):
+        s = real_init(model, **kw)
+        calls.setdefault("teacher", s)  # the first sampler made is the teacher's
+        return s
+
+    monkeypatch.setattr(completions, "make_sampler", remember)
+    monkeypatch.setattr(completions, "sample_texts", fake)
+    m = run_score(config(teacher, student, path, tmp_path / "out"))
+    assert m["complete"]
+    (e,) = _entries(tmp_path / "out")
+    assert e["reference"] == ["123", "124"]
+    assert e["teacher_accuracy"] == 1.0 and e["student_accuracy"] == 1.0
+    assert e["teacher_majority_correct"] and e["student_majority_correct"]
+
+
+def test_bad_input_is_one_line_exit_2(setup, tmp_path, capsys):
+    """issue 11.9: user errors (bad prompts file, empty file, missing model) -> one line, exit 2."""
+    _, prompts, teacher, student, _ = setup
     (tmp_path / "p.csv").write_text("x")
-    rc = main(["score", "--teacher", str(teacher), "--student", str(student), "--prompts", str(tmp_path / "p.csv"),
-               "--out", str(tmp_path / "o")])
-    assert rc == 2 and "unknown records format" in capsys.readouterr().err
     write_jsonl([], tmp_path / "empty.jsonl")
-    with pytest.raises(ValueError, match="no prompt records"):
-        run_score(teacher, student, tmp_path / "empty.jsonl", tmp_path / "out2", **SETTINGS)
-    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
-        run_score(tmp_path, student, prompts_of(setup), tmp_path / "out3", **SETTINGS)
+    cases = [
+        (cli_args(teacher, student, tmp_path / "p.csv", tmp_path / "o1"), "unknown records format"),
+        (cli_args(teacher, student, tmp_path / "empty.jsonl", tmp_path / "o2"), "no prompt records"),
+        (cli_args(tmp_path / "nowhere", student, prompts, tmp_path / "o3"), "teacher"),
+        (cli_args(teacher, student, prompts, tmp_path / "o4", "--n", "0"), "config key 'sampling.n': must be >= 1"),
+        (cli_args(teacher, student, prompts, tmp_path / "o5", "--metric", "l2"), "config key 'delta.metric'"),
+    ]
+    for args, fragment in cases:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith("jdelta score: error: ") and fragment in err[0], err
+    assert "nowhere" in main_err(capsys, cli_args(tmp_path / "nowhere", student, prompts, tmp_path / "o3"))
 
 
-@pytest.mark.slow
+def main_err(capsys, args):
+    main(args)
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["bogus_key=1"], "unknown config key 'bogus_key'"),
+    (["sampling.temprature=0.5"], "unknown config key 'sampling.temprature'; did you mean 'sampling.temperature'?"),
+    (["--shard-sise", "4"], "unknown option --shard-sise; did you mean --shard-size?"),
+    (["delta.levl=0.1"], "did you mean 'delta.level'?"),
+    (["--n", "eight"], "config key 'sampling.n'"),
+    (["--level", "high"], "config key 'delta.level'"),
+    (["--shard-size", "0"], "config key 'shard_size': must be >= 1"),
+])
+def test_config_errors_name_the_key(args, fragment, capsys, tmp_path):
+    """Unknown, misspelled and wrongly typed keys: exit 2, one line naming the key (no model loaded)."""
+    rc = main(["score", "--teacher", "T", "--student", "S", "--prompts", "P", "--out", str(tmp_path / "o"), *args])
+    err = capsys.readouterr().err.splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("jdelta score: error: ") and fragment in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_second_process_is_refused_by_the_lock(setup, tmp_path, capsys):
+    """issue 11.10: a live run directory (its lock held) refuses a second score run, naming the dir."""
+    _, prompts, teacher, student, _ = setup
+    out = tmp_path / "locked"
+    with RunDir(out, "score", config={}):
+        rc = main(cli_args(teacher, student, prompts, out))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and str(out) in err[0] and "in use by another jdelta process" in err[0]
+
+
+def test_prompts_edited_in_place_are_a_different_input(setup, tmp_path):
+    """issue 11.7: same path, same size, other content (a reference changed) -> refused, not stale shards."""
+    _, prompts, teacher, student, _ = setup
+    path = tmp_path / "p.jsonl"
+    lines = prompts.read_text().splitlines()
+    path.write_text("\n".join(lines[:2]) + "\n")
+    out = tmp_path / "out"
+    run_score(config(teacher, student, path, out, max_shards=0))  # binds nothing: no shard done yet
+    assert run_score(config(teacher, student, path, out))["complete"]
+    rec = json.loads(lines[0])
+    old_answer = rec["answer"]
+    new_answer = "9" * len(old_answer) if old_answer != "9" * len(old_answer) else "8" * len(old_answer)
+    edited = json.dumps(dict(rec, answer=new_answer))
+    assert len(edited) == len(lines[0])
+    size = path.stat().st_size
+    path.write_text(edited + "\n" + lines[1] + "\n")
+    assert path.stat().st_size == size
+    with pytest.raises(RunDirError, match=r"inputs\.prompts\.content"):
+        run_score(config(teacher, student, path, out))
+    m = run_score(config(teacher, student, path, out, overwrite=True))  # explicitly discarded: rescored
+    assert m["complete"] and _entries(out)[0]["reference"] == [new_answer]
+
+
+def test_failed_start_leaves_the_directory_reusable(setup, tmp_path):
+    """issue 11.8: a student that fails to load; fixed, the identical command runs (no --overwrite)."""
+    _, prompts, teacher, student, _ = setup
+    broken = tmp_path / "student"
+    shutil.copytree(student, broken)
+    weights = next(broken.glob("*.safetensors"))
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])  # half-written
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=str(broken)):
+        run_score(config(teacher, broken, prompts, out, shard_size=4))
+    assert not json.loads((out / "manifest.json").read_text())["committed"]
+    weights.write_bytes(good)
+    assert run_score(config(teacher, broken, prompts, out, shard_size=4))["complete"]
+
+
+def test_tokenizers_are_compared_by_content(setup, tmp_path, capsys):
+    """issue 11.3: a student tokenizer of the same size with other token ids is refused."""
+    from jdelta.data.tokenizer import load_tokenizer
+    from jdelta.models.loading import check_same_tokenizer
+
+    _, prompts, teacher, student, tok = setup
+    other = tmp_path / "student"
+    shutil.copytree(student, other)
+    spec = json.loads((other / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = sorted(k for k, v in vocab.items() if v >= 256)[:2]  # two learned tokens swap ids
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    swapped = load_tokenizer(other)
+    assert len(swapped) == len(tok)
+    with pytest.raises(UserError, match="2 of .* token ids map to different tokens"):
+        check_same_tokenizer(tok, swapped)
+    check_same_tokenizer(tok, load_tokenizer(student))  # same content: fine
+    assert main(cli_args(teacher, other, prompts, tmp_path / "out")) == 2
+    assert "teacher and student tokenizers differ" in capsys.readouterr().err
+
+
 def test_score_on_a_mesh(setup):
-    """Sharded models and prompts (8 host CPU devices as data x fsdp) give valid, complete entries."""
-    from jdelta.models.loading import parse_mesh
+    """Sharded models and prompts (8 host CPU devices as data x fsdp): the models' parameters live
+    on all 8 devices and the entries are valid and complete."""
+    import jax
+
+    from jdelta.config import MeshConfig
+    from jdelta.models.loading import ModelSession
 
     root, _, teacher, student, tok = setup
     records = list(read_jsonl(root / "seeds" / "records.jsonl"))[:4]
-    settings = {k: v for k, v in SETTINGS.items() if k != "progress"}
-    rows = score_prompts(teacher, student, records, tokenizer=tok, mesh=parse_mesh("data=2,fsdp=4"), **settings)
+    session = ModelSession(MeshConfig(data=2, fsdp=4).make())
+    rows = score_prompts(teacher, student, records, tokenizer=tok, sampling=build_part("sampling"),
+                         prompt=build_part("prompt"), tests=DeltaTestConfig(**SETTINGS["delta"]), session=session)
     assert [r["id"] for r in rows] == [r.id for r in records]
     for r in rows:
         assert r["status"] == "scored" and r["n_teacher"] == 2 and r["n_student"] == 2
         assert 0.0 <= r["delta"]["tv"] <= 1.0
+    model = session.model(teacher)
+    embed = jax.tree.leaves(model.text.embed_tokens)[0] if hasattr(model, "text") else None
+    leaves = [x for x in jax.tree.leaves(__import__("flax").nnx.state(model)) if hasattr(x, "sharding")]
+    assert leaves and all(len(x.sharding.device_set) == 8 for x in leaves)
+    assert any(not x.sharding.is_fully_replicated for x in leaves)  # fsdp actually splits parameters
+    del embed

@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
+from mesh_checks import assert_layout
 from sampling_tiny_lm import full_logits, left_padded_batch, make_model, tiny_rope_index
 
 from jdelta.logprobs import chunked_token_logprobs, score_completions
@@ -99,10 +101,15 @@ def test_mesh_matches_single_device(model, data):
     rows = [np.concatenate([x, x[:1]]) for x in (batch["input_ids"], batch["attention_mask"], comp, cmask)]
     b = {"input_ids": rows[0], "attention_mask": rows[1]}
     a = score_completions(model, b, rows[2], rows[3], chunk_size=3, top_k=2, rope_index_fn=tiny_rope_index)
+    mesh = make_mesh({"fsdp": 4, "tensor": 2})
     m = score_completions(model, b, rows[2], rows[3], chunk_size=3, top_k=2, rope_index_fn=tiny_rope_index,
-                          mesh=make_mesh({"fsdp": 4, "tensor": 2}))
+                          mesh=mesh)
     np.testing.assert_allclose(np.asarray(a.token_logprobs), np.asarray(m.token_logprobs), atol=1e-5)
     np.testing.assert_array_equal(np.asarray(a.topk_ids), np.asarray(m.topk_ids))
+    # really sharded: the 4 rows' results are split over fsdp=4 on all 8 devices
+    for name in ("token_logprobs", "topk_logprobs", "topk_ids"):
+        x = getattr(m, name)
+        assert_layout(name, x.sharding, x.shape, mesh, P("fsdp", *([None] * (x.ndim - 1))))
 
 
 def test_bad_input(model, data):

@@ -8,8 +8,10 @@ import pytest
 
 from jdelta.cli import main as cli_main
 from jdelta.data.records import read_array_record
+from jdelta.errors import RunDirError
+from jdelta.runs import read_json, read_jsonl
 from jdelta.synth.pipeline import Pipeline, run_pipeline
-from jdelta.synth.units import WaitingForShards, check_balance, read_json, read_jsonl
+from jdelta.synth.unit_runner import WaitingForShards, check_balance
 
 CONFIG = {
     "seed": 5,
@@ -142,13 +144,21 @@ def test_sharded_processes_match_single_process(ref, tmp_path):
     assert len(units) == 4  # 60 seeds / 16 per unit, split over 2 processes
 
 
-def test_changed_config_is_refused(ref):
+def test_changed_config_is_refused_naming_the_keys(ref):
     run, _, _ = ref
-    with pytest.raises(ValueError, match="different config"):
-        Pipeline(run, {**CONFIG, "seed": 6}, log=None)
+    before = (run / "manifest.json").read_bytes()
+    with pytest.raises(RunDirError, match=r"config\.seed \(5 -> 6\); config\.synthesis\.writer\.k \(3 -> 2\)"):
+        Pipeline(run, {**CONFIG, "seed": 6, "synthesis": {**CONFIG["synthesis"], "writer": {"seeds": 12, "k": 2,
+                                                                                            "malformed_rate": 0.5}}}).run()
+    with pytest.raises(RunDirError, match=r"config\.seed \(5 -> 6\)"):  # sharded processes check it too
+        Pipeline(run, {**CONFIG, "seed": 6}, process_index=1, num_processes=2).run()
+    assert (run / "manifest.json").read_bytes() == before
+    # The same config resumes: nothing is redone, the manifest is rewritten complete.
+    m = Pipeline(run, CONFIG, after_unit=lambda s, u: pytest.fail(f"redid {s} {u}")).run()
+    assert m["complete"] and m["committed"] and m["config"]["seed"] == 5
 
 
-def test_cli_pipeline_and_synthesize(tmp_path, ref):
+def test_cli_pipeline_and_synthesize(tmp_path, ref, capsys):
     cfg = tmp_path / "p.yaml"
     cfg.write_text(json.dumps({**CONFIG, "rounds": 1, "source": {"n": 24, "width": 64, "height": 48}}))
     out = tmp_path / "cli"
@@ -160,8 +170,10 @@ def test_cli_pipeline_and_synthesize(tmp_path, ref):
     assert read_json(out / "output" / "manifest.json")["count"] == m["stages"]["output"]["out"]
     recs = list(read_array_record(out / "output" / "records.array_record"))
     assert len(recs) == m["stages"]["output"]["out"] and all(r.provenance.get("screening") for r in recs)
-    with pytest.raises(ValueError, match="different config"):
-        cli_main(["pipeline", "--config", str(cfg), "--out", str(out), "seed=9"])
+    capsys.readouterr()
+    assert cli_main(["pipeline", "--config", str(cfg), "--out", str(out), "seed=9"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("jdelta pipeline: error: ") and "config.seed (5 -> 9)" in err[0], err
     first = (out / "output" / "records.array_record").read_bytes()
     assert cli_main(["pipeline", "--config", str(cfg), "--out", str(out), "--overwrite", "seed=9",
                      "synthesis.steered.n=4", "output.format=array_record", "--no-progress"]) == 0

@@ -1,4 +1,4 @@
-"""Pure parts of jdelta.synth: writer parser, failure modes, screening, steering, resumable stages."""
+"""Pure parts of jdelta.synth: writer parser, failure modes, screening, steering, the unit runner."""
 
 from collections import Counter
 
@@ -6,10 +6,10 @@ import pytest
 
 from jdelta.data.records import PromptRecord
 from jdelta.synth import failure_modes as fm
-from jdelta.synth.pipeline import allocate
 from jdelta.synth.screen import balance, screen
 from jdelta.synth.steered import steered_plan, steering_weights
-from jdelta.synth.units import WaitingForShards, check_balance, run_map_stage
+from jdelta.synth.synthesize import allocate
+from jdelta.synth.unit_runner import WaitingForShards, check_balance, run_map_stage
 from jdelta.synth.writer import OracleWriter, build_instruction, parse_generation
 
 SEED = PromptRecord(id="s1", images=[b"\x89PNG\r\n\x1a\nfake"], question="What is the value of Plum? Answer with a number.",

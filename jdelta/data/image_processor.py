@@ -13,11 +13,14 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+
+from jdelta.errors import UserError
 
 # Qwen3-VL's preprocessor_config.json: size {shortest_edge: 65536, longest_edge: 16777216}.
 QWEN3_VL_MIN_PIXELS = 65536
@@ -29,14 +32,21 @@ IMAGE_MEAN = (0.5, 0.5, 0.5)
 IMAGE_STD = (0.5, 0.5, 0.5)
 
 
-class ImageError(ValueError):
-    """An image that cannot be used; the message names the record and the problem."""
+class ImageError(UserError, ValueError):
+    """An image that cannot be used; the message names the record, the image and the problem."""
 
-    def __init__(self, record: str | None, problem: str):
+    def __init__(self, record: str | None, problem: str, image: str | None = None):
         self.record = record
+        self.image = image
         self.problem = problem
-        where = f"record {record!r}: " if record is not None else ""
-        super().__init__(f"{where}{problem}")
+        where = " ".join(
+            ([f"record {record!r}"] if record is not None else []) + ([image] if image is not None else [])
+        )
+        super().__init__(f"{where}: {problem}" if where else problem)
+
+
+# PIL names an in-memory file by its repr (``<_io.BytesIO object at 0x7f...>``), which says nothing.
+_BUFFER_REPR = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
 
 @dataclass(frozen=True)
@@ -98,34 +108,41 @@ def smart_resize(
 ImageInput = Image.Image | bytes | bytearray | np.ndarray | str | os.PathLike
 
 
-def decode_image(image: ImageInput, *, record: str | None = None) -> Image.Image:
-    """Open encoded bytes, a path, or an ``[H, W(, C)]`` uint8 array as a loaded PIL image."""
+def decode_image(image: ImageInput, *, record: str | None = None, name: str | None = None) -> Image.Image:
+    """Open encoded bytes, a path, or an ``[H, W(, C)]`` uint8 array as a loaded PIL image.
+
+    ``record`` and ``name`` (e.g. ``image 0 (/data/a.png)``; a path names itself) go into the
+    message of the :class:`ImageError` raised for an image that cannot be decoded.
+    """
     if isinstance(image, Image.Image):
         return image
+    if name is None and isinstance(image, (str, os.PathLike)):
+        name = f"image {os.fspath(image)}"
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
-            raise ImageError(record, f"image array must be uint8, got {image.dtype}")
+            raise ImageError(record, f"image array must be uint8, got {image.dtype}", name)
         if image.ndim == 3 and image.shape[-1] == 1:
             image = image[..., 0]
         if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] not in (3, 4)):
-            raise ImageError(record, f"image array must be [H, W], [H, W, 3] or [H, W, 4], got {image.shape}")
+            raise ImageError(record, f"image array must be [H, W], [H, W, 3] or [H, W, 4], got {image.shape}", name)
         return Image.fromarray(image)
     try:
         if isinstance(image, (bytes, bytearray)):
             if len(image) == 0:
-                raise ImageError(record, "image bytes are empty")
+                raise ImageError(record, "image bytes are empty", name)
             pil = Image.open(io.BytesIO(image))
         elif isinstance(image, (str, os.PathLike)):
             pil = Image.open(image)
         else:
-            raise ImageError(record, f"unsupported image type {type(image).__name__}")
+            raise ImageError(record, f"unsupported image type {type(image).__name__}", name)
         if pil.width * pil.height > MAX_INPUT_PIXELS:
-            raise ImageError(record, f"image too large to decode: {pil.width}x{pil.height}")
+            raise ImageError(record, f"image too large to decode: {pil.width}x{pil.height}", name)
         pil.load()
     except ImageError:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageError(record, f"undecodable image: {type(e).__name__}: {e}") from e
+        detail = _BUFFER_REPR.sub("", str(e)).strip()
+        raise ImageError(record, f"undecodable image ({type(e).__name__}: {detail})", name) from e
     return pil
 
 

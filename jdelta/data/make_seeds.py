@@ -1,156 +1,91 @@
-"""``jdelta make-seeds``: write a generated chart/table/receipt question dataset with a manifest.
+"""Generated seed datasets: draw chart/table/receipt records (optionally in parallel) and write them.
 
-Output directory: ``records.jsonl`` (images inline, or under ``images/`` with ``--image-dir``)
-or ``records.array_record``, ``manifest.json`` (config, counts per family / kind / answer type),
-and with ``--tokenizer-vocab N`` a demo tokenizer trained on the dataset's text in ``tokenizer/``.
+The ``jdelta make-seeds`` stage (:mod:`jdelta.stages.make_seeds`) wraps this in a run directory.
+Each record depends only on ``(seed, index, family)``, so the output does not depend on the
+number of worker processes.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import time
+import os
 from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-from tqdm import tqdm
+from jdelta.data.charts import GeneratorConfig, corpus_text, family_sequence, generate_record
+from jdelta.data.records import PromptRecord, write_array_record, write_jsonl
 
-from jdelta.data.charts import (
-    FAMILIES,
-    GeneratorConfig,
-    corpus_text,
-    family_sequence,
-    generate_record,
-    iter_records,
-)
-from jdelta.data.records import write_array_record, write_jsonl
+RECORDS_FILE = {"jsonl": "records.jsonl", "array_record": "records.array_record"}
 
 
-def _parse_mapping(text: str | None, cast, what: str) -> dict | None:
-    if not text:
-        return None
+def parse_family_mapping(text: str, cast, what: str) -> dict[str, Any]:
+    """``"trend=3,total=1"`` -> ``{"trend": cast("3"), "total": cast("1")}`` (names are not checked)."""
     out = {}
     for part in text.split(","):
         if "=" not in part:
-            raise ValueError(f"--{what}: expected family=value pairs separated by commas, got {part!r}")
-        k, v = part.split("=", 1)
-        if k.strip() not in FAMILIES:
-            raise ValueError(f"--{what}: unknown family {k.strip()!r}; known: {', '.join(FAMILIES)}")
-        out[k.strip()] = cast(v)
+            raise ValueError(f"{what}: expected family=value pairs separated by commas, got {part!r}")
+        k, v = (s.strip() for s in part.split("=", 1))
+        try:
+            out[k] = cast(v)
+        except ValueError:
+            raise ValueError(f"{what}: {k}={v!r} is not a {cast.__name__}") from None
     return out
 
 
-def _draw(job: tuple) -> object:
+def _draw(job: tuple) -> PromptRecord:
     index, seed, family, config = job
     return generate_record(index, seed, family, config=config)
 
 
-def _parallel_records(args, families, weights, difficulty):
-    """Records in index order, drawn by ``args.workers`` processes (each record depends only on
-    (seed, index, family), so the output equals the single-process one)."""
+def draw_records(n: int, seed: int, families: Sequence[str] | None = None,
+                 family_weights: Mapping[str, float] | None = None, difficulty: int | Mapping[str, int] = 2, *,
+                 width: int = 384, height: int = 288, workers: int = 1) -> Iterator[PromptRecord]:
+    """Records ``0 .. n-1`` in index order, drawn by ``workers`` processes (same records for any count)."""
+    config = GeneratorConfig(width=width, height=height, difficulty=difficulty)
+    jobs = [(i, seed, f, config) for i, f in enumerate(family_sequence(n, seed, families, family_weights))]
+    if workers <= 1:
+        yield from map(_draw, jobs)
+        return
     import multiprocessing
 
-    config = GeneratorConfig(width=args.width, height=args.height, difficulty=difficulty)
-    jobs = [
-        (i, args.seed, f, config) for i, f in enumerate(family_sequence(args.n, args.seed, families, weights))
-    ]
-    with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
         yield from pool.imap(_draw, jobs, chunksize=32)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--n", type=int, default=10000, help="number of records")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--format", choices=("jsonl", "array_record"), default="jsonl")
-    parser.add_argument("--families", default=None, help=f"comma-separated subset of: {', '.join(FAMILIES)}")
-    parser.add_argument("--family-weights", default=None, help="family=weight,... (relative frequencies)")
-    parser.add_argument("--difficulty", default="2", help="1..3 for all families, or family=level,...")
-    parser.add_argument("--width", type=int, default=384)
-    parser.add_argument("--height", type=int, default=288)
-    parser.add_argument(
-        "--image-dir", action="store_true", help="JSONL only: write images as PNG files under images/"
-    )
-    parser.add_argument(
-        "--tokenizer-vocab", type=int, default=0, help="also train a demo tokenizer of this size"
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
-    parser.add_argument(
-        "--workers", type=int, default=1, help="processes drawing records (output is identical)"
-    )
+def write_records(records: Iterator[PromptRecord], out_dir: str | os.PathLike, fmt: str = "jsonl", *,
+                  image_dir: bool = False) -> tuple[Path, int]:
+    """Write ``records`` to ``out_dir/records.{jsonl,array_record}`` (images inline, or as PNGs under
+    ``out_dir/images`` for JSONL with ``image_dir``). The file is written under a temporary name
+    and renamed when complete. Returns ``(path, count)``."""
+    out = Path(out_dir)
+    path = out / RECORDS_FILE[fmt]
+    tmp = out / f".{path.name}.tmp"
+    if fmt == "jsonl":
+        n = write_jsonl(records, tmp, image_dir=out / "images" if image_dir else None)
+    elif image_dir:
+        raise ValueError("image_dir applies to format jsonl only")
+    else:
+        n = write_array_record(records, tmp)
+    os.replace(tmp, path)
+    return path, n
 
 
-def run(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    if args.n < 1:
-        raise SystemExit(f"jdelta make-seeds: --n must be >= 1, got {args.n}")
-    if (out / "manifest.json").exists() and not args.overwrite:
-        raise SystemExit(f"jdelta make-seeds: {out} already holds a dataset (pass --overwrite to replace it)")
-    if args.image_dir and args.format != "jsonl":
-        raise SystemExit("jdelta make-seeds: --image-dir applies to --format jsonl only")
-    try:
-        families = [f.strip() for f in args.families.split(",")] if args.families else None
-        weights = _parse_mapping(args.family_weights, float, "family-weights")
-        difficulty = (
-            int(args.difficulty)
-            if args.difficulty.isdigit()
-            else _parse_mapping(args.difficulty, int, "difficulty")
-        )
-        # Validate the whole configuration before writing anything.
-        next(iter_records(1, args.seed, families, weights, difficulty, width=args.width, height=args.height))
-    except ValueError as e:
-        raise SystemExit(f"jdelta make-seeds: {e}") from e
-    out.mkdir(parents=True, exist_ok=True)
-    counts = {"family": Counter(), "kind": Counter(), "answer_type": Counter()}
-    texts: list[str] = []
+class SeedCounts:
+    """Running counts of drawn records per family, kind and answer type (and their text, if kept)."""
 
-    def records():
-        if args.workers > 1:
-            gen = _parallel_records(args, families, weights, difficulty)
-        else:
-            gen = iter_records(
-                args.n, args.seed, families, weights, difficulty, width=args.width, height=args.height
-            )
-        for rec in tqdm(gen, total=args.n, desc="make-seeds", unit="rec", mininterval=5.0):
-            counts["family"][rec.family] += 1
-            counts["kind"][rec.category] += 1
-            counts["answer_type"][rec.answer_type] += 1
-            if args.tokenizer_vocab:
-                texts.extend(corpus_text([rec]))
+    def __init__(self, keep_text: bool = False):
+        self.counts = {"family": Counter(), "kind": Counter(), "answer_type": Counter()}
+        self.texts: list[str] | None = [] if keep_text else None
+
+    def observe(self, records: Iterator[PromptRecord]) -> Iterator[PromptRecord]:
+        for rec in records:
+            self.counts["family"][rec.family] += 1
+            self.counts["kind"][rec.category] += 1
+            self.counts["answer_type"][rec.answer_type] += 1
+            if self.texts is not None:
+                self.texts.extend(corpus_text([rec]))
             yield rec
 
-    start = time.time()
-    if args.format == "jsonl":
-        path = out / "records.jsonl"
-        n = write_jsonl(records(), path, image_dir=out / "images" if args.image_dir else None)
-    else:
-        path = out / "records.array_record"
-        n = write_array_record(records(), path)
-    manifest = {
-        "stage": "make-seeds",
-        "records": path.name,
-        "format": args.format,
-        "count": n,
-        "config": {
-            "n": args.n,
-            "seed": args.seed,
-            "families": families or list(FAMILIES),
-            "family_weights": weights,
-            "difficulty": difficulty,
-            "width": args.width,
-            "height": args.height,
-            "image_dir": bool(args.image_dir),
-        },
-        "counts": {k: dict(sorted(v.items())) for k, v in counts.items()},
-        "seconds": round(time.time() - start, 2),
-    }
-    if args.tokenizer_vocab:
-        from jdelta.data.tokenizer import build_demo_tokenizer
-
-        build_demo_tokenizer(out / "tokenizer", texts, vocab_size=args.tokenizer_vocab)
-        manifest["tokenizer"] = "tokenizer"
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    print(
-        f"wrote {n} records to {path} ({manifest['seconds']} s); counts per family: {manifest['counts']['family']}"
-    )
-    return 0
+    def as_dict(self) -> dict[str, dict[str, int]]:
+        return {k: dict(sorted(v.items())) for k, v in self.counts.items()}

@@ -12,28 +12,37 @@ compile a handful of programs:
   (``P`` from ``patch_buckets``); ``image_grid_thw [N, 3]`` int32, ``(0, 0, 0)`` rows padded
 - ``record_index [B]`` int64 (index in the source; -1 on padding rows of a short final batch)
 - ``ids``, ``answers``, ``answer_types``, ``families`` ``[B]`` object arrays ("" / None on padding rows)
+- ``records`` ``[B]`` object array: each row's :class:`~jdelta.data.records.PromptRecord` as parsed by
+  the pipeline, images dropped (None on padding rows), so no consumer parses a record twice
 - optional ``teacher_input_ids`` / ``teacher_attention_mask`` / ``teacher_mm_token_type_ids``
   (the prompt with the record's ``[Hint]`` cue, ViCuR; records without a hint get the plain prompt)
   and ``pixel_values_pixelated`` (VA-OPD's detail-removed view, same shape as ``pixel_values``).
 
 Records that fail (unreadable, bad image, empty or over-long question, prompt longer than the
 largest bucket) are counted by reason in a :class:`SkipReport` kept in the iterator's state,
-or raise when ``on_error="raise"``. Nothing is dropped silently.
+or raise when ``on_error="raise"``; ``make_prompt_batches(..., keep_skipped=True)`` also lists
+them one by one (source index, id, reason, message) for stages that account for every record.
+Nothing is dropped silently.
+
+Shapes round up with :func:`jdelta.buckets.bucket`, the rule the sampler uses too: a sampler
+built with this config's buckets pads nothing again.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import grain
 import numpy as np
 
+from jdelta.buckets import bucket
 from jdelta.config import build
 from jdelta.data.chat import build_prompt
 from jdelta.data.image_processor import (
@@ -44,7 +53,7 @@ from jdelta.data.image_processor import (
     pixelate,
     process_images_uint8,
 )
-from jdelta.data.records import RecordError
+from jdelta.data.records import ListSource, PromptRecord, RecordError
 from jdelta.data.tokenizer import SpecialTokens, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -124,8 +133,28 @@ class SkipReport:
 # ----------------------------------------------------------------------------- per record
 
 
-def _skip(reason: str, message: str) -> dict:
-    return {SKIP_KEY: reason, "message": message}
+def _skip(reason: str, message: str, index: int = -1, record_id: str | None = None) -> dict:
+    return {SKIP_KEY: reason, "message": message, "record_index": index, "id": record_id}
+
+
+def _error_record_id(e: Exception, raw: Any) -> str | None:
+    """The id of the record an error is about: the error's (``record_id``, an ImageError's
+    ``record``), else what can be read from the raw item."""
+    rid = getattr(e, "record_id", None) or getattr(e, "record", None)
+    return str(rid) if rid is not None else _readable_id(raw)
+
+
+def _readable_id(raw: Any) -> str | None:
+    """The ``id`` of a raw item that did not parse as a record, if it can still be read (else None)."""
+    raw = raw[1] if isinstance(raw, tuple) and len(raw) == 2 else raw  # JsonlSource: (line, bytes)
+    if isinstance(raw, PromptRecord):
+        return raw.id
+    try:
+        d = json.loads(raw) if isinstance(raw, (str, bytes, bytearray)) else raw
+    except (ValueError, TypeError):
+        return None
+    rid = d.get("id") if isinstance(d, dict) else None
+    return None if rid is None else str(rid)
 
 
 class ProcessRecord:
@@ -145,16 +174,18 @@ class ProcessRecord:
         except (RecordError, ImageError) as e:
             if cfg.on_error == "raise":
                 raise
-            return _skip("bad_image" if isinstance(e, ImageError) else e.reason, str(e))
+            reason = "bad_image" if isinstance(e, ImageError) else e.reason
+            return _skip(reason, str(e), index, _error_record_id(e, raw))
         except (ValueError, KeyError, TypeError, OSError) as e:
             if cfg.on_error == "raise":
                 raise RecordError(f"source index {index}", f"{type(e).__name__}: {e}") from e
-            return _skip("processing_error", f"source index {index}: {type(e).__name__}: {e}")
+            return _skip("processing_error", f"source index {index}: {type(e).__name__}: {e}", index,
+                         _readable_id(raw))
 
-    def _fail(self, where: str, reason: str, problem: str) -> dict:
+    def _fail(self, where: str, reason: str, problem: str, index: int, record_id: str) -> dict:
         if self.config.on_error == "raise":
             raise RecordError(where, problem, reason)
-        return _skip(reason, f"{where}: {problem}")
+        return _skip(reason, f"{where}: {problem}", index, record_id)
 
     def _process(self, index: int, raw: Any) -> dict:
         cfg = self.config
@@ -165,8 +196,11 @@ class ProcessRecord:
                 where,
                 "question_too_long",
                 f"question has {len(rec.question)} chars > {cfg.max_question_chars}",
+                index,
+                rec.id,
             )
-        pil_images = [decode_image(rec.image_bytes(i), record=rec.id) for i in range(len(rec.images))]
+        pil_images = [decode_image(rec.image_bytes(i), record=rec.id, name=rec.image_name(i))
+                      for i in range(len(rec.images))]
         # Patches stay uint8 until collate normalises them into the batch buffer (4x less copying).
         pixel_values, grids = process_images_uint8(pil_images, config=cfg.image, record=rec.id)
         grid_list = [tuple(int(v) for v in g) for g in grids]
@@ -181,7 +215,7 @@ class ProcessRecord:
         )
         if len(prompt) > cfg.seq_buckets[-1]:
             return self._fail(
-                where, "prompt_too_long", f"prompt has {len(prompt)} tokens > {cfg.seq_buckets[-1]}"
+                where, "prompt_too_long", f"prompt has {len(prompt)} tokens > {cfg.seq_buckets[-1]}", index, rec.id
             )
         ex = {
             "input_ids": prompt.input_ids,
@@ -193,6 +227,7 @@ class ProcessRecord:
             "answer": rec.answer,
             "answer_type": rec.answer_type,
             "family": rec.family,
+            "record": replace(rec, images=[]),  # parsed once; the pixels travel separately
         }
         if cfg.with_hint:
             hint = rec.cues.hint if rec.cues is not None and rec.cues.hint else None
@@ -211,6 +246,8 @@ class ProcessRecord:
                     where,
                     "prompt_too_long",
                     f"hinted prompt has {len(teacher)} tokens > {cfg.seq_buckets[-1]}",
+                    index,
+                    rec.id,
                 )
             ex["teacher_input_ids"] = teacher.input_ids
             ex["teacher_mm_token_type_ids"] = teacher.mm_token_type_ids
@@ -224,14 +261,6 @@ class ProcessRecord:
 # ----------------------------------------------------------------------------- batching
 
 
-def _bucket(n: int, buckets: Sequence[int]) -> int:
-    """Smallest bucket >= n; beyond the largest, the next multiple of the largest."""
-    for b in buckets:
-        if n <= b:
-            return b
-    return -(-n // buckets[-1]) * buckets[-1]
-
-
 def _left_pad(seqs: Sequence[np.ndarray], rows: int, length: int, value: int) -> np.ndarray:
     out = np.full((rows, length), value, dtype=np.int32)
     for i, s in enumerate(seqs):
@@ -242,11 +271,11 @@ def _left_pad(seqs: Sequence[np.ndarray], rows: int, length: int, value: int) ->
 def collate(examples: Sequence[dict], config: PipelineConfig, pad_id: int) -> dict[str, np.ndarray]:
     """Pad ``examples`` (at most ``batch_size``) into one statically shaped batch (see module doc)."""
     b = config.batch_size
-    seq_len = _bucket(max(len(e["input_ids"]) for e in examples), config.seq_buckets)
+    seq_len = bucket(max(len(e["input_ids"]) for e in examples), config.seq_buckets)
     patches = sum(len(e["pixel_values"]) for e in examples)
     n_images = sum(len(e["image_grid_thw"]) for e in examples)
-    p_rows = _bucket(max(patches, 1), config.patch_buckets)
-    n_rows = _bucket(max(n_images, 1), config.image_buckets)
+    p_rows = bucket(max(patches, 1), config.patch_buckets)
+    n_rows = bucket(max(n_images, 1), config.image_buckets)
     dim = config.image.patch_dim
 
     def pixels(key: str) -> np.ndarray:
@@ -278,10 +307,11 @@ def collate(examples: Sequence[dict], config: PipelineConfig, pad_id: int) -> di
         "answers": obj("answer", None),
         "answer_types": obj("answer_type", ""),
         "families": obj("family", ""),
+        "records": obj("record", None),
     }
     if config.with_hint:
         t_ids = [e["teacher_input_ids"] for e in examples]
-        t_len = _bucket(max(len(s) for s in t_ids), config.seq_buckets)
+        t_len = bucket(max(len(s) for s in t_ids), config.seq_buckets)
         batch["teacher_input_ids"] = _left_pad(t_ids, b, t_len, pad_id)
         batch["teacher_attention_mask"] = _left_pad([np.ones(len(s), np.int32) for s in t_ids], b, t_len, 0)
         batch["teacher_mm_token_type_ids"] = _left_pad(
@@ -299,11 +329,15 @@ class PromptBatchIterator(grain.DatasetIterator):
     position and the skip counts, so ``grain.checkpoint`` / Orbax restore both.
     """
 
-    def __init__(self, parent: grain.DatasetIterator, config: PipelineConfig, pad_id: int):
+    def __init__(self, parent: grain.DatasetIterator, config: PipelineConfig, pad_id: int,
+                 keep_skipped: bool = False):
         super().__init__(parent)
         self._config = config
         self._pad_id = pad_id
         self.skip_report = SkipReport()
+        # With keep_skipped: one entry per record left out (record_index, id, reason, message), in
+        # the order met; for stages that account for every input record (not kept in the state).
+        self.skipped: list[dict] | None = [] if keep_skipped else None
         self.batches = 0
         self._reported = False
 
@@ -316,6 +350,9 @@ class PromptBatchIterator(grain.DatasetIterator):
                 break
             if SKIP_KEY in ex:
                 self.skip_report.add(ex[SKIP_KEY], ex["message"])
+                if self.skipped is not None:
+                    self.skipped.append({"record_index": int(ex.get("record_index", -1)), "id": ex.get("id"),
+                                         "reason": ex[SKIP_KEY], "message": ex["message"]})
             else:
                 examples.append(ex)
         if not examples or (self._config.drop_remainder and len(examples) < self._config.batch_size):
@@ -346,13 +383,14 @@ class PromptBatchIterator(grain.DatasetIterator):
 class PromptBatchDataset(grain.IterDataset):
     """``IterDataset`` of padded batches over an ``IterDataset`` of examples / skip markers."""
 
-    def __init__(self, parent: grain.IterDataset, config: PipelineConfig, pad_id: int):
+    def __init__(self, parent: grain.IterDataset, config: PipelineConfig, pad_id: int, keep_skipped: bool = False):
         super().__init__(parent)
         self._config = config
         self._pad_id = pad_id
+        self._keep_skipped = keep_skipped
 
     def __iter__(self) -> PromptBatchIterator:
-        return PromptBatchIterator(self._parent.__iter__(), self._config, self._pad_id)
+        return PromptBatchIterator(self._parent.__iter__(), self._config, self._pad_id, self._keep_skipped)
 
     def __str__(self) -> str:
         return f"PromptBatchDataset(batch_size={self._config.batch_size})"
@@ -370,6 +408,13 @@ def _as_tokenizer(tokenizer):
     return load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
 
 
+def as_source(records):
+    """A records source as is; an in-memory list of :class:`PromptRecord` wrapped as one."""
+    if isinstance(records, (list, tuple)) and all(isinstance(r, PromptRecord) for r in records):
+        return ListSource(records)
+    return records
+
+
 def prompt_dataset(
     source,
     *,
@@ -379,15 +424,19 @@ def prompt_dataset(
     config: PipelineConfig | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
+    select: slice | None = None,
 ) -> grain.MapDataset:
     """Random-access dataset of processed examples (dicts, or skip markers with ``"_skip"``).
 
     source: anything with ``__len__``, ``__getitem__`` and ``to_record(raw, index)`` (see
-    ``jdelta.data.records``). The shuffle is seeded (a fresh permutation per epoch); each
-    process keeps every ``process_count``-th element from ``process_index`` (default: JAX's).
+    ``jdelta.data.records``), or a list of :class:`PromptRecord`. ``select``: only these source
+    indices (a slice, e.g. one shard; ``record_index`` stays the index in ``source``). The shuffle
+    is seeded (a fresh permutation per epoch); each process keeps every ``process_count``-th
+    element from ``process_index`` (default: JAX's).
     """
     cfg = config or PipelineConfig()
     tok = _as_tokenizer(tokenizer)
+    source = as_source(source)
     if process_index is None or process_count is None:
         import jax
 
@@ -395,6 +444,10 @@ def prompt_dataset(
     if len(source) == 0:
         raise ValueError(f"{source!r} is empty")
     ds = grain.MapDataset.source(source).map_with_index(functools.partial(_with_source_index, len(source)))
+    if select is not None:
+        ds = ds[select]
+        if len(ds) == 0:
+            raise ValueError(f"{source!r}: the selection {select} holds no records")
     if shuffle:
         ds = ds.shuffle(seed=seed)
     if process_count > 1:
@@ -413,9 +466,13 @@ def make_prompt_batches(
     config: PipelineConfig | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
+    select: slice | None = None,
+    keep_skipped: bool = False,
 ) -> PromptBatchIterator:
     """Checkpointable iterator of padded batches (see module doc). ``it.skip_report`` counts the
-    records left out so far; ``it.get_state()`` / ``it.set_state()`` resume exactly."""
+    records left out so far; ``it.get_state()`` / ``it.set_state()`` resume exactly.
+    ``select``: see :func:`prompt_dataset`; ``keep_skipped``: list each record left out in
+    ``it.skipped``."""
     cfg = config or PipelineConfig()
     tok = _as_tokenizer(tokenizer)
     examples = prompt_dataset(
@@ -426,6 +483,7 @@ def make_prompt_batches(
         config=cfg,
         process_index=process_index,
         process_count=process_count,
+        select=select,
     ).to_iter_dataset()
     if cfg.worker_count > 0:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -438,7 +496,7 @@ def make_prompt_batches(
                 num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer_size
             )
         )
-    return iter(PromptBatchDataset(examples, cfg, SpecialTokens.from_tokenizer(tok).pad))
+    return iter(PromptBatchDataset(examples, cfg, SpecialTokens.from_tokenizer(tok).pad, keep_skipped))
 
 
 def config_from_dict(d: dict) -> PipelineConfig:
@@ -454,6 +512,7 @@ __all__ = [
     "PipelineConfig",
     "PromptBatchIterator",
     "SkipReport",
+    "as_source",
     "collate",
     "config_from_dict",
     "make_prompt_batches",

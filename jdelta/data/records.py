@@ -1,8 +1,9 @@
 """Prompt records: one schema for every stage, with readers and writers.
 
 A :class:`PromptRecord` is one visual question: images (encoded bytes or file paths), the
-question, an optional reference answer with its type, the question family, optional cues
-(evidence boxes and a text hint, used by ViCuR), provenance and free-form ``meta``.
+question, an optional reference answer (or several accepted ones) with its type, the question
+family, optional cues (evidence boxes and a text hint, used by ViCuR), provenance and free-form
+``meta``.
 
 On disk a record is a JSON object (one per JSONL line, or one per ArrayRecord entry) with the
 images inline as base64 (``{"b64": ...}``) or as paths relative to an image folder
@@ -24,10 +25,12 @@ from typing import Any
 
 import numpy as np
 
+from jdelta.errors import UserError
+
 ANSWER_TYPES = ("number", "text", "yes_no", "choice")
 
 
-class RecordError(ValueError):
+class RecordError(UserError, ValueError):
     """A record that cannot be used; the message names it (id, or file and line) and the problem."""
 
     def __init__(self, where: str, problem: str, reason: str = "invalid_record"):
@@ -55,7 +58,12 @@ class Cues:
 
 @dataclass
 class PromptRecord:
-    """One visual question. ``images`` holds encoded image bytes or file paths."""
+    """One visual question. ``images`` holds encoded image bytes or file paths.
+
+    ``answer`` is the reference answer. Where several answers are accepted (DocVQA, InfoVQA),
+    ``meta["answers"]`` lists all of them and ``answer`` is the first; on disk ``"answer"`` may
+    then be that list (read back as both). :attr:`answers` gives the full list.
+    """
 
     id: str
     images: list[bytes | str]
@@ -75,10 +83,32 @@ class PromptRecord:
             raise RecordError(where, "empty question", "empty_question")
         if self.answer_type not in ANSWER_TYPES:
             raise RecordError(where, f"answer_type {self.answer_type!r} is not one of {ANSWER_TYPES}")
+        if self.answer is not None and not isinstance(self.answer, str):
+            raise RecordError(where, f"answer must be a string, got {type(self.answer).__name__}", "invalid_answer")
+        if "answers" in self.meta:
+            answers = self.meta["answers"]
+            if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+                raise RecordError(where, f"meta.answers must be a non-empty list of strings, got {answers!r:.80}",
+                                  "invalid_answer")
+            if self.answer is None:
+                raise RecordError(where, "meta.answers is given but answer is null", "invalid_answer")
         for i, im in enumerate(self.images):
             if not isinstance(im, (bytes, str)):
                 raise RecordError(where, f"image {i} is {type(im).__name__}, expected bytes or a path")
         return self
+
+    @property
+    def answers(self) -> list[str] | None:
+        """Every accepted reference answer, ``answer`` first (``meta["answers"]`` holds the rest), or None."""
+        if self.answer is None:
+            return None
+        extra = self.meta.get("answers") or []
+        return [self.answer] + [a for a in extra if a != self.answer]
+
+    def image_name(self, index: int) -> str:
+        """How messages name image ``index``: ``image 0``, with its path when it is a file."""
+        im = self.images[index]
+        return f"image {index}" if isinstance(im, bytes) else f"image {index} ({im})"
 
     def image_bytes(self, index: int) -> bytes:
         """Encoded bytes of image ``index`` (reads the file for a path)."""
@@ -124,7 +154,16 @@ class PromptRecord:
     ) -> PromptRecord:
         """Inverse of :meth:`to_json`; relative image paths resolve against ``image_dir``."""
         where = where or "record"
-        if isinstance(d, (str, bytes)):
+        if isinstance(d, (bytes, bytearray)):
+            try:
+                d = bytes(d).decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise RecordError(
+                    _with_id(where, _readable_id(bytes(d))),
+                    f"not valid UTF-8 (byte 0x{d[e.start]:02x} at offset {e.start})",
+                    "invalid_utf8",
+                ) from e
+        if isinstance(d, str):
             try:
                 d = json.loads(d)
             except json.JSONDecodeError as e:
@@ -132,10 +171,15 @@ class PromptRecord:
         if not isinstance(d, dict):
             raise RecordError(where, f"expected a JSON object, got {type(d).__name__}")
         if "id" in d:
-            where = f"{where} (id {d['id']!r})" if where != "record" else f"record {d['id']!r}"
+            where = _with_id(where, d["id"])
         for name in ("id", "question", "images"):
             if name not in d or d[name] is None:
                 raise RecordError(where, f"missing field {name!r}", "missing_field")
+        if not isinstance(d["images"], list):
+            raise RecordError(where, f"images must be a list, got {type(d['images']).__name__}")
+        for name in ("cues", "provenance", "meta"):
+            if d.get(name) is not None and not isinstance(d[name], dict):
+                raise RecordError(where, f"{name} must be an object, got {type(d[name]).__name__}")
         images: list[bytes | str] = []
         for i, im in enumerate(d["images"]):
             if isinstance(im, str):
@@ -154,24 +198,85 @@ class PromptRecord:
                 images.append(str(p))
             else:
                 raise RecordError(where, f"image {i}: expected a 'b64' or 'path' key, got {sorted(im)}")
-        answer = d.get("answer")
+        meta = dict(d.get("meta") or {})
+        answers = answer_list(d.get("answer"), where)
+        if isinstance(d.get("answer"), list):  # several accepted answers: the first is `answer`
+            if "answers" in meta and meta["answers"] != answers:
+                raise RecordError(
+                    where, f"answer list {answers!r:.80} and meta.answers {meta['answers']!r:.80} differ",
+                    "invalid_answer",
+                )
+            meta["answers"] = answers
         rec = cls(
             id=str(d["id"]),
             images=images,
             question=d["question"],
-            answer=None if answer is None else str(answer),
+            answer=None if answers is None else answers[0],
             answer_type=d.get("answer_type") or "text",
             category=d.get("category") or "",
             family=d.get("family") or "",
             cues=Cues.from_json(d["cues"]) if d.get("cues") else None,
             provenance=dict(d.get("provenance") or {}),
-            meta=dict(d.get("meta") or {}),
+            meta=meta,
         )
         return rec.validate(where)
 
     def to_bytes(self) -> bytes:
         """Self-contained JSON bytes (images inline) for ArrayRecord."""
         return json.dumps(self.to_json(), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def _with_id(where: str, record_id: Any) -> str:
+    """``where`` extended with a record id: ``file.jsonl:3 (id 'x')``, or ``record 'x'`` alone."""
+    if record_id is None:
+        return where
+    return f"record {record_id!r}" if where == "record" else f"{where} (id {record_id!r})"
+
+
+def _readable_id(raw: bytes) -> Any:
+    """The ``id`` of a record whose bytes are not valid UTF-8, if the rest still parses (else None)."""
+    try:
+        d = json.loads(raw.decode("utf-8", errors="replace"))
+    except ValueError:
+        return None
+    rid = d.get("id") if isinstance(d, dict) else None
+    return None if isinstance(rid, str) and "\ufffd" in rid else rid  # a garbled id names nothing
+
+
+def _answer_text(value: Any, where: str, what: str) -> str:
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]
+    if isinstance(value, (np.str_, np.bytes_)):
+        value = value.item()
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RecordError(where, f"{what} is not valid UTF-8", "invalid_answer") from e
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)):
+        return str(value)  # a JSON number: its text
+    raise RecordError(where, f"{what} must be a string, got {type(value).__name__} {value!r:.40}", "invalid_answer")
+
+
+def answer_list(value: Any, where: str = "record") -> list[str] | None:
+    """A record's reference answer(s) as given -> all accepted answers (the first is the reference).
+
+    A string (or a number, kept as its text) is one answer; a list (or array) holds every accepted
+    answer, as DocVQA and InfoVQA give them. None stays None. An empty list or an item that is not
+    a string or number raises :class:`RecordError` naming ``where``.
+    """
+    if value is None:
+        return None
+    if isinstance(value, np.ndarray) and value.ndim > 0:
+        value = list(value)
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise RecordError(where, "answer list is empty (give at least one accepted answer, or null)",
+                              "invalid_answer")
+        return [_answer_text(v, where, f"answer {i}") for i, v in enumerate(value)]
+    return [_answer_text(value, where, "answer")]
 
 
 def _safe_name(s: str) -> str:
@@ -367,16 +472,12 @@ def _text(v: Any) -> str:
     return str(v)
 
 
-def _first(v: Any) -> tuple[str, list[str]]:
+def _first(v: Any, where: str) -> tuple[str, list[str]]:
     """A reference answer and the full list of accepted answers (DocVQA-style lists)."""
-    if isinstance(v, np.ndarray):
-        v = v.tolist()
-    if isinstance(v, (list, tuple)):
-        if not v:
-            raise ValueError("empty answer list")
-        vals = [_text(x) for x in v]
-        return vals[0], vals
-    return _text(v), [_text(v)]
+    answers = answer_list(v, where)
+    if answers is None:
+        raise RecordError(where, "answer is null", "missing_field")
+    return answers[0], answers
 
 
 def _need(d: dict, key: str, where: str) -> Any:
@@ -388,7 +489,7 @@ def _need(d: dict, key: str, where: str) -> Any:
 def map_chartqa(d: dict, index: int, where: str = "chartqa") -> PromptRecord:
     """ChartQA (``imgname``/``image``, ``query``, ``label``, optional ``human_or_machine``)."""
     where = f"{where}[{index}]"
-    answer, answers = _first(_need(d, "label", where))
+    answer, answers = _first(_need(d, "label", where), where)
     image = d.get("image", d.get("imgname"))
     if image is None:
         raise RecordError(where, "missing field 'image' (or 'imgname')")
@@ -412,7 +513,7 @@ def map_chartqa(d: dict, index: int, where: str = "chartqa") -> PromptRecord:
 
 def _map_docvqa_like(d: dict, index: int, where: str, dataset: str, category: str) -> PromptRecord:
     where = f"{where}[{index}]"
-    answer, answers = _first(_need(d, "answers", where))
+    answer, answers = _first(_need(d, "answers", where), where)
     qid = d.get("questionId", d.get("question_id", index))
     return PromptRecord(
         id=f"{dataset.lower()}-{_text(qid)}",

@@ -75,6 +75,7 @@ def run_loop(
     meta: dict[str, Any] | None = None,
     progress: bool = True,
     log_every: int = 1,
+    after_step: Callable[[int], None] | None = None,
 ) -> LoopResult:
     """Train until ``state.step == num_steps`` (or SIGTERM).
 
@@ -83,11 +84,16 @@ def run_loop(
     ``checkpointer``'s ``save_every`` steps, at the end, and on SIGTERM (then the loop
     returns with ``preempted=True``). ``max_nan_steps``: raise
     :class:`NonFiniteLossError` once this many steps were skipped as non-finite (None: never).
+    ``logger``'s rows after the starting step (logged by a run killed after its last
+    checkpoint) are dropped first. ``after_step(step)`` runs after each step's metrics are logged
+    (e.g. to mark a run directory as holding work).
     """
     if checkpointer is not None and resume and checkpointer.latest_step() is not None:
         state, _ = checkpointer.restore(state, data_iter=data_iter)
         log.info("resumed from step %d", int(state.step))
     start = int(state.step)
+    if logger is not None:
+        logger.truncate(start)
     totals: dict[str, float] = {}
     last: dict[str, float] = {}
     preempted = False
@@ -128,6 +134,8 @@ def run_loop(
                 logger.log(step, values)
             bar.update(1)
             bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}", refresh=False)
+            if after_step is not None:
+                after_step(step)
             if max_nan_steps is not None and int(state.nan_steps) >= max_nan_steps:
                 bar.close()
                 raise NonFiniteLossError(

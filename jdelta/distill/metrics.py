@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from jdelta.runs import open_atomic, read_jsonl
+
 
 def to_python(metrics: Mapping[str, Any]) -> dict[str, float]:
     """Scalars (JAX/NumPy/Python) -> plain floats; non-scalars are dropped."""
@@ -24,7 +26,9 @@ def to_python(metrics: Mapping[str, Any]) -> dict[str, float]:
 class MetricsLogger:
     """Append one JSON object per step to ``<run_dir>/metrics.jsonl``; mirror scalars to TensorBoard.
 
-    Non-finite values are written as JSON ``null`` (and skipped in TensorBoard).
+    Non-finite values are written as JSON ``null`` (and skipped in TensorBoard). A resumed run
+    calls :meth:`truncate` with the restored step first, so the steps a killed run logged after
+    its last checkpoint are not logged twice.
     """
 
     def __init__(self, run_dir: str | Path, *, tensorboard: bool = True, filename: str = "metrics.jsonl"):
@@ -49,6 +53,31 @@ class MetricsLogger:
                     self._tb.add_scalar(k, v, int(step))
         return values
 
+    def truncate(self, step: int) -> int:
+        """Drop the rows after ``step`` (and a partial last line a kill left); returns the rows kept.
+
+        The file is rewritten atomically, so a kill during the rewrite leaves the old file.
+        """
+        self._file.close()
+        kept: list[str] = []
+        if self.path.is_file():
+            lines = self.path.read_bytes().split(b"\n")
+            for lineno, raw in enumerate(lines, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    row = json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    if lineno == len(lines):  # a row cut short by a kill mid-write
+                        break
+                    raise ValueError(f"{self.path} line {lineno}: not a JSON metrics row") from None
+                if int(row.get("step", 0)) <= step:
+                    kept.append(raw.decode("utf-8") + "\n")
+            with open_atomic(self.path) as f:
+                f.write("".join(kept))
+        self._file = self.path.open("a")
+        return len(kept)
+
     def close(self) -> None:
         self._file.close()
         if self._tb is not None:
@@ -62,5 +91,5 @@ class MetricsLogger:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Read a ``metrics.jsonl`` back (for tests, plots and reports)."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """Read a ``metrics.jsonl`` back (for tests, plots and reports); a bad line names file and line."""
+    return read_jsonl(path)

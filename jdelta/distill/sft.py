@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import grain
 import jax
@@ -32,16 +32,17 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jdelta import losses
-from jdelta.config import build
-from jdelta.distill.loop import StepInput
-from jdelta.distill.on_policy import (
-    _rope_fn,
+from jdelta.config import check
+from jdelta.distill.batch import (
     assemble_batch,
     completion_hidden,
     cut_at_special,
     model_inputs,
+    rope_index_fn,
     special_ids,
+    student_view,
 )
+from jdelta.distill.loop import StepInput
 from jdelta.distill.train_state import TrainState
 from jdelta.logprobs import chunked_token_logprobs
 from jdelta.sharding import Rules, activation_sharding
@@ -51,23 +52,28 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class SFTConfig:
-    """chunk: positions per NLL chunk; reduction: ``token_mean`` (all response tokens of the
-    batch) or ``batch_mean`` (per-response mean, then mean); pad_id; completion/prompt buckets
-    as in :class:`jdelta.distill.on_policy.DistillConfig`."""
+    """chunk_size: positions per NLL chunk; reduction: ``token_mean`` (all response tokens of the
+    batch) or ``batch_mean`` (per-response mean, then mean); pad_id (None: the data source's, 0
+    for a library caller); completion/prompt buckets as in
+    :class:`jdelta.distill.on_policy.DistillConfig`."""
 
-    chunk: int = 128
-    reduction: str = "token_mean"
-    pad_id: int = 0
+    chunk_size: int = 128
+    reduction: Literal["token_mean", "batch_mean"] = "token_mean"
+    pad_id: int | None = None
     completion_bucket: int = 32
     prompt_bucket: int = 32
 
     def __post_init__(self):
-        if self.reduction not in ("token_mean", "batch_mean"):
-            raise ValueError(f"sft.reduction={self.reduction!r}; expected 'token_mean' or 'batch_mean'")
+        check(self.reduction in ("token_mean", "batch_mean"), "reduction",
+              f"must be 'token_mean' or 'batch_mean', got {self.reduction!r}")
+        check(self.chunk_size >= 1, "chunk_size", f"must be >= 1, got {self.chunk_size}")
+        check(self.pad_id is None or self.pad_id >= 0, "pad_id", f"must be >= 0, got {self.pad_id}")
+        check(self.completion_bucket >= 1, "completion_bucket", f"must be >= 1, got {self.completion_bucket}")
+        check(self.prompt_bucket >= 1, "prompt_bucket", f"must be >= 1, got {self.prompt_bucket}")
 
-    @classmethod
-    def from_dict(cls, cfg: Mapping[str, Any] | None) -> SFTConfig:
-        return build(cls, cfg or {})
+    def resolved(self, pad_id: int = 0) -> SFTConfig:
+        """This config with ``pad_id`` left None filled in (from the data source)."""
+        return self if self.pad_id is not None else dataclasses.replace(self, pad_id=int(pad_id))
 
 
 def chunked_nll(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, *, chunk_size: int) -> jax.Array:
@@ -86,7 +92,7 @@ def make_sft_loss(cfg: SFTConfig):
         del rng, shared
         comp, mask = batch["completion"], batch["completion_mask"]
         hidden = completion_hidden(student, batch["input_ids"], model_inputs(batch), comp.shape[1])
-        nll = chunked_nll(hidden, student.lm_head_weight(), comp, chunk_size=cfg.chunk)
+        nll = chunked_nll(hidden, student.lm_head_weight(), comp, chunk_size=cfg.chunk_size)
         loss = losses.reduce_masked(nll, mask, cfg.reduction)
         maskf = mask.astype(jnp.float32)
         return loss, {"nll": (nll * maskf).sum() / jnp.maximum(maskf.sum(), 1.0), "completion_tokens": maskf.sum()}
@@ -99,8 +105,8 @@ class SFTProducer:
 
     def __init__(self, student_template: nnx.Module, batches: Iterator[Mapping[str, Any]], cfg: SFTConfig, *,
                  mesh: Mesh | None = None, rules: Rules | None = None):
-        self.batches, self.cfg, self.mesh, self.rules = batches, cfg, mesh, rules
-        self._rope = _rope_fn(student_template)
+        self.batches, self.cfg, self.mesh, self.rules = batches, cfg.resolved(), mesh, rules
+        self._rope = rope_index_fn(student_template)
         self._special = special_ids(student_template)
         self._image_token_id = getattr(getattr(student_template, "config", None), "image_token_id", None)
 
@@ -121,8 +127,7 @@ class SFTProducer:
         host = assemble_batch(b, comp, lengths, rollouts_per_prompt=1, rope_fn=self._rope, pad_id=self.cfg.pad_id,
                               completion_bucket=self.cfg.completion_bucket, prompt_bucket=self.cfg.prompt_bucket,
                               image_token_id=self._image_token_id)
-        train = {k: v for k, v in host.items() if not k.startswith("teacher_") and k not in (
-            "prompt_index", "pixel_values_degraded")}
+        train = student_view(host)
         if self.mesh is not None:
             train = {k: jax.device_put(v, activation_sharding(self.mesh, ("batch",) + (None,) * (v.ndim - 1),
                                                               v.shape, self.rules)) for k, v in train.items()}
@@ -196,8 +201,9 @@ class SampleRow:
 
 def read_sample_output(path: str | Path, prompts, *, drop_truncated: bool = False,
                        vision_ids: Sequence[int] = ()) -> tuple[list[SampleRow], Any]:
-    """Read ``jdelta sample`` JSONL and join each line to its record in ``prompts`` (a records
-    source, see ``jdelta.data.records``) by ``prompt_id``.
+    """Read ``jdelta sample`` output (its run directory, or the ``samples.jsonl`` in it) and join
+    each line to its record in ``prompts`` (a records source, see ``jdelta.data.records``) by
+    ``prompt_id``.
 
     Returns the kept rows and a :class:`jdelta.data.pipeline.SkipReport` of the lines left out:
     ``missing_prompt`` (no record with that id), ``truncated`` (``finish_reason == "length"``
@@ -207,6 +213,8 @@ def read_sample_output(path: str | Path, prompts, *, drop_truncated: bool = Fals
     from jdelta.data.pipeline import SkipReport
 
     path = Path(path)
+    if path.is_dir():  # a `jdelta sample` run directory
+        path = path / "samples.jsonl"
     skips = SkipReport()
     rows: list[SampleRow] = []
     id_map: dict[str, int] | None = None

@@ -1,8 +1,9 @@
-"""Synthetic prompt batches and tiny random model pairs: smoke tests, the CPU demo, benchmarks.
+"""Synthetic prompt batches: smoke tests, the distill demo config, benchmarks.
 
 Not data for real training: random token prompts (special ids avoided) with one random
 image each (``pixel_values`` of the model's patch layout) and a pixelated view of it,
-in the same left-padded layout the Grain pipeline yields.
+in the same left-padded layout the Grain pipeline yields. The tiny random models they are
+fed to come from :mod:`jdelta.testing` (``tiny_config``, ``random_model``).
 """
 
 from __future__ import annotations
@@ -10,37 +11,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import grain
 import jax
 import numpy as np
 from flax import nnx
 
-from jdelta.models.qwen3_vl import Qwen3VLConfig, Qwen3VLForConditionalGeneration
-from jdelta.models.qwen3_vl.config import Qwen3VLTextConfig, Qwen3VLVisionConfig
-
-
-def tiny_config(hidden: int = 32, layers: int = 2, vocab: int = 64, *, heads: int = 4, kv_heads: int = 2,
-                vision: bool = True) -> Qwen3VLConfig:
-    """A tiny Qwen3-VL config (vocabulary ``vocab``; the last 4 ids are the vision specials)."""
-    head_dim = hidden // heads
-    text = Qwen3VLTextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-                             num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                             head_dim=head_dim, mrope_section=(head_dim // 8, head_dim // 8, head_dim // 4),
-                             max_position_embeddings=4096)
-    vis = Qwen3VLVisionConfig(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden,
-                              patch_size=4, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16,
-                              deepstack_visual_indexes=(0,))
-    return Qwen3VLConfig(text=text, vision=vis, image_token_id=vocab - 4, video_token_id=vocab - 3,
-                         vision_start_token_id=vocab - 2, vision_end_token_id=vocab - 1)
-
-
-def random_model(config: Qwen3VLConfig, seed: int, *, logit_scale: float = 1.0) -> Qwen3VLForConditionalGeneration:
-    """A randomly initialised model; ``logit_scale`` multiplies the LM head (a peaked, 'opinionated' teacher)."""
-    model = Qwen3VLForConditionalGeneration(config, rngs=nnx.Rngs(seed))
-    if logit_scale != 1.0:
-        if model.lm_head is None:
-            raise ValueError("logit_scale needs an untied LM head")
-        model.lm_head.kernel.set_value(model.lm_head.kernel.get_value() * logit_scale)
-    return model
+from jdelta.models.qwen3_vl import Qwen3VLConfig
+from jdelta.testing import random_model, tiny_config  # noqa: F401 (re-exported: the tiny pair of smoke tests)
 
 
 def pixelate_patches(pixel_values: np.ndarray, grid_thw: np.ndarray) -> np.ndarray:
@@ -92,6 +69,38 @@ def random_prompts(config: Qwen3VLConfig, *, batch: int, min_len: int = 4, max_l
             pv = rng.normal(size=(batch * image_side * image_side, vis.patch_dim)).astype(np.float32)
             out.update(pixel_values=pv, image_grid_thw=grids, pixel_values_pixelated=pixelate_patches(pv, grids))
         yield out
+
+
+class SyntheticPromptIterator(grain.DatasetIterator):
+    """:func:`random_prompts` as a checkpointable iterator: its state is the number of batches drawn.
+
+    ``set_state`` rebuilds the stream from its seed and draws that many batches again, so a run
+    resumed from a checkpoint sees exactly the batches an uninterrupted run would have seen
+    (fast-forwarding costs a few microseconds per skipped batch: these are tiny NumPy arrays).
+    """
+
+    def __init__(self, config: Qwen3VLConfig, **kwargs: Any):
+        super().__init__()
+        self._config, self._kwargs = config, kwargs
+        self._stream = random_prompts(config, **kwargs)
+        self._drawn = 0
+
+    def __next__(self) -> dict[str, Any]:
+        batch = next(self._stream)
+        self._drawn += 1
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return {"batches_drawn": self._drawn}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._stream = random_prompts(self._config, **self._kwargs)
+        self._drawn = 0
+        for _ in range(int(state["batches_drawn"])):
+            next(self)
+
+    def __str__(self) -> str:
+        return f"SyntheticPromptIterator({self._kwargs})"
 
 
 def num_params(model: nnx.Module) -> int:

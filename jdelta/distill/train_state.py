@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from jdelta.config import build
+from jdelta.config import check
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,8 +26,10 @@ class OptimizerConfig:
     """AdamW + warmup/cosine + global-norm clipping (defaults: the VA-OPD recipe).
 
     ``warmup_steps`` wins over ``warmup_fraction`` when set. ``total_steps`` is the
-    number of optimiser updates the schedule spans. Weight decay applies to
-    parameters with ``ndim >= 2`` only (matrices; not norms or biases).
+    number of optimiser updates the schedule spans (None: the run's step count, which the
+    distill stage fills in from ``train.steps``; a schedule needs it set). Weight decay applies
+    to parameters with ``ndim >= 2`` only (matrices; not norms or biases). ``clip_norm`` None
+    or 0: no clipping.
     """
 
     learning_rate: float = 1e-6
@@ -36,22 +37,34 @@ class OptimizerConfig:
     b2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.1
-    schedule: str = "cosine"  # "cosine" | "constant"
+    schedule: Literal["cosine", "constant"] = "cosine"
     warmup_fraction: float = 0.05
     warmup_steps: int | None = None
     end_lr_fraction: float = 0.0
     clip_norm: float | None = 1.0
-    total_steps: int = 1000
+    total_steps: int | None = None
 
-    @classmethod
-    def from_dict(cls, cfg: Mapping[str, Any] | None) -> OptimizerConfig:
-        return build(cls, cfg or {})
+    def __post_init__(self):
+        check(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
+        check(0 <= self.b1 < 1, "b1", f"must be in [0, 1), got {self.b1}")
+        check(0 <= self.b2 < 1, "b2", f"must be in [0, 1), got {self.b2}")
+        check(self.eps > 0, "eps", f"must be > 0, got {self.eps}")
+        check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        check(self.schedule in ("cosine", "constant"), "schedule",
+              f"must be 'cosine' or 'constant', got {self.schedule!r}")
+        check(0 <= self.warmup_fraction <= 1, "warmup_fraction", f"must be in [0, 1], got {self.warmup_fraction}")
+        check(self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps",
+              f"must be >= 0, got {self.warmup_steps}")
+        check(0 <= self.end_lr_fraction <= 1, "end_lr_fraction", f"must be in [0, 1], got {self.end_lr_fraction}")
+        check(self.clip_norm is None or self.clip_norm >= 0, "clip_norm", f"must be >= 0, got {self.clip_norm}")
+        check(self.total_steps is None or self.total_steps >= 1, "total_steps",
+              f"must be >= 1, got {self.total_steps}")
 
 
 def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:
     """Learning rate per optimiser update: linear warmup from 0, then cosine (or constant)."""
-    if cfg.total_steps < 1:
-        raise ValueError(f"optimizer.total_steps must be >= 1, got {cfg.total_steps}")
+    if cfg.total_steps is None:
+        raise ValueError("optimizer.total_steps is not set (the distill stage sets it to train.steps)")
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_fraction * cfg.total_steps)
     warmup = int(min(max(warmup, 0), cfg.total_steps))
     if cfg.schedule == "constant":
@@ -61,15 +74,13 @@ def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:
             [optax.linear_schedule(0.0, cfg.learning_rate, warmup), optax.constant_schedule(cfg.learning_rate)],
             [warmup],
         )
-    if cfg.schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(
-            init_value=0.0,
-            peak_value=cfg.learning_rate,
-            warmup_steps=warmup,
-            decay_steps=max(cfg.total_steps, warmup + 1),
-            end_value=cfg.learning_rate * cfg.end_lr_fraction,
-        )
-    raise ValueError(f"unknown schedule {cfg.schedule!r}; expected 'cosine' or 'constant'")
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=cfg.learning_rate,
+        warmup_steps=warmup,
+        decay_steps=max(cfg.total_steps, warmup + 1),
+        end_value=cfg.learning_rate * cfg.end_lr_fraction,
+    )
 
 
 def _decay_mask(params: Any) -> Any:

@@ -1,8 +1,14 @@
 """Loading models from local checkpoints, their identities, and the checks a teacher/student pair must pass.
 
-:func:`model_identity` fingerprints a checkpoint (config hash + weights hash) for run manifests;
-:func:`load_model` reads an HF Qwen3-VL directory (sharded when given a mesh) and keeps it per
-process so a score and a re-score against one teacher load it once.
+* :func:`model_identity` fingerprints a checkpoint (config hash + weights hash) for run manifests;
+* :func:`load_model` reads an HF Qwen3-VL directory (sharded when given a mesh), no caching;
+* :class:`ModelSession` holds the models one piece of work loads and the samplers compiled for
+  them: ``score``, ``eval``, the demo and the synthesis scorer pass one around so a teacher used
+  twice is loaded (and its sampler compiled) once, and dropping the session frees them;
+* :func:`tokenizer_fingerprint` / :func:`check_same_tokenizer` compare tokenizers by content
+  (vocabulary and special tokens), :func:`check_pair` the prompt layout of two model configs;
+* :func:`image_config_for` / :func:`pipeline_config_for`: the prompt pipeline's settings matched to
+  a model's vision patch layout (one ``min_pixels`` rule for every stage).
 """
 
 from __future__ import annotations
@@ -11,13 +17,28 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from jdelta.config import ModelSpec, PromptConfig
+from jdelta.errors import UserError
+
+if TYPE_CHECKING:
+    from jdelta.data.pipeline import PipelineConfig
+    from jdelta.sampling import Sampler
+
+
+class ModelLoadError(UserError, ValueError):
+    """A checkpoint directory that cannot be loaded; the message names it."""
 
 
 def file_sha256(path: Path, limit: int | None = None) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        h.update(f.read() if limit is None else f.read(limit))
+        if limit is None:
+            while chunk := f.read(8 << 20):
+                h.update(chunk)
+        else:
+            h.update(f.read(limit))
     return h.hexdigest()
 
 
@@ -50,52 +71,142 @@ def model_identity(path: str | os.PathLike) -> dict[str, Any]:
     return ident
 
 
-def parse_mesh(spec: str | None):
-    """``"fsdp=4,tensor=2"`` -> a mesh (``None`` for no mesh). Prefer :class:`jdelta.config.MeshConfig`."""
-    if not spec:
-        return None
-    from jdelta.sharding import make_mesh
-
-    shape = {}
-    for part in spec.split(","):
-        if "=" not in part:
-            raise ValueError(f"mesh {spec!r}: expected axis=size pairs like fsdp=4,tensor=2")
-        k, v = part.split("=", 1)
-        shape[k.strip()] = int(v)
-    return make_mesh(shape)
+def check_checkpoint_dir(path: str | os.PathLike, role: str = "model") -> Path:
+    """``path`` as a Path if it holds ``config.json``; else ``FileNotFoundError`` naming it and ``role``."""
+    if path is None:
+        raise ModelLoadError(f"{role}: no checkpoint directory given ({role}.path)")
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{role} {p}: no config.json (expected a Hugging Face Qwen3-VL checkpoint directory)")
+    return p
 
 
-_MODEL_CACHE: dict[tuple, tuple] = {}
+def _spec(spec: ModelSpec | str | os.PathLike) -> ModelSpec:
+    return spec if isinstance(spec, ModelSpec) else ModelSpec(path=str(spec))
 
-def load_model(path: str | os.PathLike, mesh=None, dtype: str | None = None, *, cache: bool = True):
-    """``(model, config)`` from an HF Qwen3-VL directory.
 
-    Loaded models are kept per (path, weights fingerprint, mesh, dtype) in this process, so a
-    score and a re-score against the same teacher load it (and compile its sampler) once.
+def load_model(spec: ModelSpec | str | os.PathLike, mesh=None, *, role: str = "model"):
+    """``(model, config)`` from an HF Qwen3-VL directory (``spec``: a :class:`ModelSpec` or a path).
+
+    A checkpoint that cannot be read (truncated safetensors, shapes that do not match its
+    ``config.json``) raises :class:`ModelLoadError` naming the directory.
     """
     from jdelta.models.qwen3_vl.weights import load_hf_checkpoint
 
-    p = Path(path)
-    if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"{p}: no config.json (expected a Hugging Face Qwen3-VL checkpoint directory)")
-    if not cache:
-        return load_hf_checkpoint(p, mesh=mesh, dtype=dtype)
-    ident = model_identity(p)
-    key = (ident["path"], ident["config_sha256"], ident["weights_fingerprint"], id(mesh), dtype)
-    if key not in _MODEL_CACHE:
-        if len(_MODEL_CACHE) >= 4:
-            _MODEL_CACHE.clear()
-        _MODEL_CACHE[key] = load_hf_checkpoint(p, mesh=mesh, dtype=dtype)
-    return _MODEL_CACHE[key]
+    spec = _spec(spec)
+    p = check_checkpoint_dir(spec.path, role)
+    overrides = {k: getattr(spec, k) for k in ("remat_policy", "attention_impl") if getattr(spec, k) is not None}
+    try:
+        return load_hf_checkpoint(p, mesh=mesh, dtype=spec.dtype, **overrides)
+    except UserError:
+        raise
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"{role} {p}: cannot load the checkpoint ({type(e).__name__}: {e})") from e
+    except Exception as e:  # safetensors' own errors (e.g. a half-written file) are plain Exceptions
+        if type(e).__module__.split(".")[0].startswith("safetensors"):
+            raise ModelLoadError(f"{role} {p}: cannot read its safetensors ({e})") from e
+        raise
+
+
+class ModelSession:
+    """The models one piece of work loads, and the samplers compiled for them.
+
+    ``session.model(spec)`` loads a checkpoint once per (identity, dtype, model settings);
+    ``session.sampler(model, pipeline=..., pad_id=...)`` keeps one :class:`~jdelta.sampling.Sampler`
+    per (model, pad id, batch shape), so its compiled programs are reused. All models of a session
+    share its ``mesh`` (None: one device). Nothing is kept beyond the session's lifetime.
+    """
+
+    def __init__(self, mesh=None):
+        self.mesh = mesh
+        self._models: dict[tuple, tuple[Any, Any]] = {}
+        self._samplers: dict[tuple, Sampler] = {}
+
+    def load(self, spec: ModelSpec | str | os.PathLike, *, role: str = "model") -> tuple[Any, Any]:
+        """``(model, config)`` for ``spec``, loaded on first use."""
+        spec = _spec(spec)
+        p = check_checkpoint_dir(spec.path, role)
+        ident = model_identity(p)
+        key = (ident["path"], ident["config_sha256"], ident["weights_fingerprint"], spec.dtype, spec.remat_policy,
+               spec.attention_impl)
+        if key not in self._models:
+            self._models[key] = load_model(spec, self.mesh, role=role)
+        return self._models[key]
+
+    def model(self, spec: ModelSpec | str | os.PathLike, *, role: str = "model"):
+        """The loaded model for ``spec`` (see :meth:`load`)."""
+        return self.load(spec, role=role)[0]
+
+    def sampler(self, model, *, pipeline: PipelineConfig, pad_id: int) -> Sampler:
+        """The sampler of ``model`` for batches of the prompt pipeline ``pipeline`` (its buckets)."""
+        from jdelta.completions import make_sampler
+
+        key = (id(model), int(pad_id), int(pipeline.batch_size), tuple(pipeline.seq_buckets),
+               tuple(pipeline.patch_buckets), tuple(pipeline.image_buckets))
+        hit = self._samplers.get(key)
+        if hit is None or hit.model is not model:
+            hit = self._samplers[key] = make_sampler(model, pipeline=pipeline, pad_id=pad_id, mesh=self.mesh)
+        return hit
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+
+def tokenizer_content(tok) -> dict[str, Any]:
+    """What makes two tokenizers interchangeable: the vocabulary (token -> id, added tokens
+    included) and the special tokens (which added tokens are special, and the named ones)."""
+    added = getattr(tok, "added_tokens_decoder", None) or {}
+    special_map = getattr(tok, "special_tokens_map", None) or {}
+    return {
+        "vocab": sorted(tok.get_vocab().items()),
+        "special": sorted(int(i) for i, t in added.items() if getattr(t, "special", False)),
+        "named": sorted((k, json.dumps(v, sort_keys=True)) for k, v in special_map.items()),
+    }
 
 
 def tokenizer_fingerprint(tok) -> str:
-    vocab = sorted(tok.get_vocab().items())
-    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()
+    """sha256 of :func:`tokenizer_content` (vocabulary + special tokens)."""
+    return hashlib.sha256(json.dumps(tokenizer_content(tok), sort_keys=True).encode()).hexdigest()
+
+
+def check_same_tokenizer(a, b, names: tuple[str, str] = ("teacher", "student")) -> None:
+    """Raise :class:`~jdelta.errors.UserError` unless tokenizers ``a`` and ``b`` have the same
+    vocabulary and special tokens; the message counts the ids that differ and shows the first."""
+    if a is b:
+        return
+    ca, cb = tokenizer_content(a), tokenizer_content(b)
+    if ca == cb:
+        return
+    problems = []
+    va, vb = dict(ca["vocab"]), dict(cb["vocab"])
+    ia, ib = {i: t for t, i in va.items()}, {i: t for t, i in vb.items()}
+    ids = sorted(set(ia) | set(ib))
+    diff = [i for i in ids if ia.get(i) != ib.get(i)]
+    if len(va) != len(vb):
+        problems.append(f"{len(va)} vs {len(vb)} tokens")
+    if diff:
+        i = diff[0]
+        problems.append(f"{len(diff)} of {len(ids)} token ids map to different tokens (first: id {i} is "
+                        f"{ia.get(i)!r} vs {ib.get(i)!r})")
+    if ca["special"] != cb["special"]:
+        problems.append(f"special token ids {ca['special'][:8]} vs {cb['special'][:8]}")
+    if ca["named"] != cb["named"]:
+        na, nb = dict(ca["named"]), dict(cb["named"])
+        keys = sorted(k for k in set(na) | set(nb) if na.get(k) != nb.get(k))
+        problems.append(f"special tokens {', '.join(keys)} differ")
+    raise UserError(f"the {names[0]} and {names[1]} tokenizers differ ({'; '.join(problems)}); both models must "
+                    "share one tokenizer")
+
+
+# ----------------------------------------------------------------------------- prompt layout
 
 
 def image_config_for(model_config, max_pixels: int | None = None, min_pixels: int | None = None):
-    """The pipeline's image settings matching a model's vision patch layout."""
+    """The pipeline's image settings matching a model's vision patch layout.
+
+    ``max_pixels`` below the default floor lowers the floor with it (so a small pixel budget is
+    honoured); an explicit ``min_pixels`` wins.
+    """
     from jdelta.data.image_processor import ImageConfig
 
     vis = model_config.vision
@@ -111,6 +222,20 @@ def image_config_for(model_config, max_pixels: int | None = None, min_pixels: in
     return ImageConfig(**kw)
 
 
+def pipeline_config_for(model_config, prompt: PromptConfig, *, batch_size: int, **pipeline: Any) -> PipelineConfig:
+    """The prompt pipeline's settings for sampling ``model_config`` with ``prompt`` (records that
+    fail are skipped and counted); ``pipeline``: other :class:`~jdelta.data.pipeline.PipelineConfig` fields."""
+    from jdelta.data.pipeline import PipelineConfig
+
+    return PipelineConfig(
+        batch_size=int(batch_size),
+        image=image_config_for(model_config, prompt.max_pixels, prompt.min_pixels),
+        system=prompt.system,
+        enable_thinking=prompt.enable_thinking,
+        **{"on_error": "skip", **pipeline},
+    )
+
+
 def check_pair(teacher_config, student_config) -> None:
     """The two models must read the same prompt tokens and image patches."""
     problems = []
@@ -123,4 +248,4 @@ def check_pair(teacher_config, student_config) -> None:
         if a != b:
             problems.append(f"vision.{name}: teacher {a} vs student {b}")
     if problems:
-        raise ValueError("teacher and student disagree on the prompt layout: " + "; ".join(problems))
+        raise UserError("teacher and student disagree on the prompt layout: " + "; ".join(problems))

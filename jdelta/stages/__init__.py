@@ -9,13 +9,13 @@ from __future__ import annotations
 
 # verb -> (module, one-line help). Modules are imported only when their verb runs.
 STAGES: dict[str, tuple[str, str]] = {
-    "model-info": ("jdelta.models.qwen3_vl.info", "parameter counts and shapes of a Qwen3-VL config"),
-    "make-seeds": ("jdelta.data.make_seeds", "generate chart/table/receipt questions with exact answers"),
-    "sample": ("jdelta.stages.sample", "n answers per prompt from a Qwen3-VL checkpoint (KV-cache sampler) to JSONL"),
+    "model-info": ("jdelta.stages.model_info", "parameter counts and shapes of a Qwen3-VL config"),
+    "make-seeds": ("jdelta.stages.make_seeds", "generate chart/table/receipt questions with exact answers"),
+    "sample": ("jdelta.stages.sample", "n answers per prompt from a Qwen3-VL checkpoint (KV-cache sampler), a run directory"),
     "score": ("jdelta.stages.score", "sample n answers from teacher and student per prompt; answer divergence Δ and report"),
-    "eval": ("jdelta.evaluate", "greedy / majority-vote answers of one model on benchmark sets, each with its own metric"),
-    "distill": ("jdelta.distill.stage", "on-policy distillation (reverse KL / GKD / VA-OPD) or SFT of a student, Orbax resume"),
-    "synthesize": ("jdelta.synth.synthesize", "failure modes + targeted candidates (teacher-as-writer, steered generator) from a score run"),
-    "pipeline": ("jdelta.synth.pipeline", "DeltaPrompts pipeline: seeds -> score -> failure modes -> synthesis -> screen, rounds, resumable"),
+    "eval": ("jdelta.stages.evaluate", "greedy / majority-vote answers of one model on benchmark sets, each with its own metric"),
+    "distill": ("jdelta.stages.distill", "on-policy distillation (reverse KL / GKD / VA-OPD) or SFT of a student, Orbax resume"),
+    "synthesize": ("jdelta.stages.synthesize", "failure modes + targeted candidates (teacher-as-writer, steered generator) from a score run"),
+    "pipeline": ("jdelta.stages.pipeline", "DeltaPrompts pipeline: seeds -> score -> failure modes -> synthesis -> screen, rounds, resumable"),
     "demo": ("jdelta.demo", "end-to-end CPU demo on tiny random models: seeds, score, VA-OPD steps, re-score"),
 }

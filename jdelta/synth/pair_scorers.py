@@ -1,7 +1,9 @@
 """Scorers for the pipeline: one interface, ``score(records, seed) -> list[entry]``.
 
 * :class:`ModelPairScorer`: the real thing, :func:`jdelta.delta_scoring.score_prompts` with a teacher and
-  a student (n sampled answers each, Δ per prompt).
+  a student (n sampled answers each, Δ per prompt); its :class:`TeacherWriter` (the teacher as
+  writer of new questions) samples from the same loaded teacher. Nothing else in
+  :mod:`jdelta.synth` touches models or the score library.
 * :class:`OraclePairScorer`: a deterministic "toy pair" for tests and benchmarks. The teacher
   answers the reference (wrong with probability ``teacher_noise``); the student answers the
   reference too, except for records whose family is in ``failing_families``, where it answers
@@ -13,12 +15,15 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
+from jdelta.config import SamplingConfig, to_dict
 from jdelta.data.records import PromptRecord
+from jdelta.synth.pipeline_config import ScorerConfig, WriterConfig
 
 
 class PairScorer(Protocol):
@@ -43,25 +48,13 @@ def _wrong_answers(rec: PromptRecord) -> list[str]:
 class OraclePairScorer:
     """A toy teacher/student pair whose failures are known (see the module docstring)."""
 
-    def __init__(
-        self,
-        failing_families: Sequence[str],
-        *,
-        n: int = 8,
-        fail_rate: float = 0.85,
-        teacher_noise: float = 0.05,
-        student_noise: float = 0.05,
-        metric: str = "tv",
-        unit_pad: int = 64,
-        num_permutations: int = 99,
-        num_posterior_draws: int = 100,
-    ):
-        self.failing = frozenset(failing_families)
-        self.n, self.fail_rate = int(n), float(fail_rate)
-        self.teacher_noise, self.student_noise = float(teacher_noise), float(student_noise)
-        self.metric = metric
-        self.unit_pad = int(unit_pad)
-        self.num_permutations, self.num_posterior_draws = int(num_permutations), int(num_posterior_draws)
+    def __init__(self, cfg: ScorerConfig, *, unit_pad: int = 64):
+        self.failing = frozenset(cfg.failing_families)
+        self.n, self.fail_rate = int(cfg.sampling.n), float(cfg.fail_rate)
+        self.teacher_noise, self.student_noise = float(cfg.teacher_noise), float(cfg.student_noise)
+        self.delta = cfg.delta
+        self.metric = cfg.delta.metric
+        self.unit_pad = int(unit_pad)  # prompts per Δ call: one compiled program per process
         self.identity = {
             "kind": "oracle_pair",
             "failing_families": sorted(self.failing),
@@ -95,34 +88,52 @@ class OraclePairScorer:
         pad = max(self.unit_pad, len(records))
         recs = list(records) + [records[-1]] * (pad - len(records))
         texts = texts + [texts[-1]] * (pad - len(records))
-        rows = delta_records(
-            recs, list(range(pad)), [t for t, _ in texts], [s for _, s in texts], key=jax.random.key(seed),
-            metric=self.metric, num_permutations=self.num_permutations, num_posterior_draws=self.num_posterior_draws,
-        )
+        rows = delta_records(recs, list(range(pad)), [t for t, _ in texts], [s for _, s in texts],
+                             key=jax.random.key(seed), tests=self.delta)
         return rows[: len(records)]
 
 
+def make_pair_scorer(cfg: ScorerConfig, *, unit_pad: int = 64) -> PairScorer:
+    """The scorer the ``scorer`` config describes (the oracle pair, or the model pair, loaded)."""
+    return OraclePairScorer(cfg, unit_pad=unit_pad) if cfg.kind == "oracle" else ModelPairScorer(cfg)
+
+
 class ModelPairScorer:
-    """Teacher and student checkpoints scored with :func:`jdelta.delta_scoring.score_prompts`."""
+    """Teacher and student checkpoints scored with :func:`jdelta.delta_scoring.score_prompts`.
 
-    def __init__(self, teacher: str, student: str, *, tokenizer: str | None = None, mesh: str | None = None,
-                 settings: Mapping[str, Any] | None = None):
-        from jdelta.data.tokenizer import load_tokenizer
-        from jdelta.delta_scoring import ScoreSettings
-        from jdelta.models.loading import load_model, model_identity, parse_mesh, tokenizer_fingerprint
+    The one place the pipeline touches the score library: the models are loaded through a
+    :class:`~jdelta.models.loading.ModelSession` (on the ``scorer.mesh``), which also keeps the
+    compiled samplers across units; :meth:`teacher_writer` samples from the same teacher.
+    """
 
-        self.mesh = parse_mesh(mesh)
-        self.settings = ScoreSettings.make(**dict(settings or {}))
-        self.metric = self.settings["metric"]
-        self.tokenizer = load_tokenizer(tokenizer or teacher)
-        self.teacher, _ = load_model(teacher, self.mesh)
-        self.student, _ = load_model(student, self.mesh)
+    def __init__(self, cfg: ScorerConfig):
+        from jdelta.data.tokenizer import SpecialTokens, load_tokenizer
+        from jdelta.models.loading import (
+            ModelSession,
+            check_checkpoint_dir,
+            check_same_tokenizer,
+            model_identity,
+            tokenizer_fingerprint,
+        )
+
+        self.cfg = cfg
+        self.metric = cfg.delta.metric
+        teacher_dir = check_checkpoint_dir(cfg.teacher.path, "scorer.teacher")
+        student_dir = check_checkpoint_dir(cfg.student.path, "scorer.student")
+        tok_dir = Path(cfg.tokenizer) if cfg.tokenizer is not None else teacher_dir
+        self.tokenizer = load_tokenizer(tok_dir)
+        if cfg.tokenizer is None and (student_dir / "tokenizer.json").is_file():
+            check_same_tokenizer(self.tokenizer, load_tokenizer(student_dir), ("teacher", "student"))
+        self.special = SpecialTokens.from_tokenizer(self.tokenizer)
+        self.session = ModelSession(cfg.mesh.make())
+        self.teacher = self.session.model(cfg.teacher, role="scorer.teacher")
+        self.student = self.session.model(cfg.student, role="scorer.student")
         self.identity = {
             "kind": "model_pair",
-            "teacher": model_identity(teacher),
-            "student": model_identity(student),
-            "tokenizer": {"path": str(tokenizer or teacher), "vocab_sha256": tokenizer_fingerprint(self.tokenizer)},
-            "settings": dict(self.settings),
+            "teacher": model_identity(teacher_dir),
+            "student": model_identity(student_dir),
+            "tokenizer": {"path": str(tok_dir), "vocab_sha256": tokenizer_fingerprint(self.tokenizer)},
+            "settings": to_dict({"sampling": cfg.sampling, "prompt": cfg.prompt, "delta": cfg.delta}),
         }
 
     def score(self, records: Sequence[PromptRecord], seed: int) -> list[dict]:
@@ -130,18 +141,47 @@ class ModelPairScorer:
 
         if not records:
             return []
-        st = {k: v for k, v in self.settings.items() if k != "seed"}
-        return score_prompts(self.teacher, self.student, list(records), tokenizer=self.tokenizer, mesh=self.mesh,
-                             seed=int(seed), **st)
+        return score_prompts(self.teacher, self.student, list(records), tokenizer=self.tokenizer,
+                             sampling=self.cfg.sampling, prompt=self.cfg.prompt, tests=self.cfg.delta,
+                             seed=int(seed), session=self.session)
 
-    def teacher_writer(self, **kw):
-        """A :class:`~jdelta.synth.writer.TeacherWriter` on this pair's teacher."""
-        from jdelta.data.pipeline import PipelineConfig
-        from jdelta.models.loading import image_config_for
-        from jdelta.synth.writer import TeacherWriter
+    def teacher_writer(self, cfg: WriterConfig) -> TeacherWriter:
+        """The teacher as writer (sampling settings from ``cfg``, one generation per seed)."""
+        return TeacherWriter(self, cfg)
 
-        st = self.settings
-        cfg = PipelineConfig(batch_size=int(st["batch_size"]), image=image_config_for(self.teacher.config, st["max_pixels"]),
-                             system=st["system"], enable_thinking=st["enable_thinking"], on_error="skip")
-        return TeacherWriter(self.teacher, self.tokenizer, pipeline_config=cfg, mesh=self.mesh,
-                             identity={"teacher": self.identity["teacher"]}, **kw)
+
+class TeacherWriter:
+    """The teacher model writes: each instruction becomes the question of a prompt on its seed's
+    image (the prompt pipeline's chat template and image processing), sampled once per seed."""
+
+    def __init__(self, pair: ModelPairScorer, cfg: WriterConfig):
+        from jdelta.completions import sampling_params
+        from jdelta.models.loading import pipeline_config_for
+
+        self.pair = pair
+        batch_size = pair.cfg.sampling.batch_size
+        self.pipeline = pipeline_config_for(pair.teacher.config, pair.cfg.prompt, batch_size=batch_size)
+        sampling = SamplingConfig(n=1, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
+                                  max_new_tokens=cfg.max_new_tokens, batch_size=batch_size)
+        self.params = sampling_params(sampling, pair.special.stop_ids)
+        self.sampler = pair.session.sampler(pair.teacher, pipeline=self.pipeline, pad_id=pair.special.pad)
+        self.identity = {"kind": "teacher_writer", "temperature": cfg.temperature, "top_p": cfg.top_p,
+                         "max_new_tokens": cfg.max_new_tokens, "teacher": pair.identity["teacher"]}
+
+    def write(self, seeds: Sequence[PromptRecord], instructions: Sequence[str], seed: int) -> list[str]:
+        """One generation per seed; a prompt the pipeline cannot process yields ``""`` (counted
+        downstream as ``no_questions``)."""
+        import jax
+
+        from jdelta.completions import prompt_batches, sample_texts
+
+        recs = [PromptRecord(id=s.id, images=list(s.images), question=ins, answer=None, answer_type="text",
+                             category=s.category, family=s.family) for s, ins in zip(seeds, instructions, strict=True)]
+        out = [""] * len(recs)
+        key = jax.random.key(seed)
+        for b, batch in enumerate(prompt_batches(recs, self.pair.tokenizer, self.pipeline)):
+            texts, _ = sample_texts(self.sampler, self.pair.tokenizer, batch.inputs, self.params,
+                                    jax.random.fold_in(key, b))
+            for i, t in zip(batch.indices, texts, strict=True):
+                out[i] = t[0]
+        return out

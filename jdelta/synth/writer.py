@@ -1,4 +1,4 @@
-"""The teacher as writer: instruction templates, a robust parser, validation, and two writers.
+"""The teacher as writer: instruction templates, a robust parser, validation, and the oracle writer.
 
 Given a seed prompt (image, question, answer) and the failure mode it belongs to, the
 instruction asks the teacher for ``k`` new question/answer pairs about the *same image* that
@@ -16,7 +16,8 @@ Accepted pairs become :class:`PromptRecord`s with the seed's image, category and
 writer's answer as reference, and provenance. Whether a question is answerable from the image is
 checked later by screening (the teacher must agree with the written answer often enough).
 
-The instruction wording is jdelta's choice (DeltaPrompts' prompts are not published).
+The instruction wording is jdelta's choice (DeltaPrompts' prompts are not published). The model
+writer (the teacher samples the instruction) is :class:`jdelta.synth.pair_scorers.TeacherWriter`.
 """
 
 from __future__ import annotations
@@ -255,7 +256,7 @@ class OracleWriter:
     ``malformed_rate``: no questions, a truncated last pair, a duplicated pair, a copy of the seed.
     """
 
-    def __init__(self, k: int, malformed_rate: float = 0.25):
+    def __init__(self, k: int, malformed_rate: float):
         self.k = int(k)
         self.malformed_rate = float(malformed_rate)
         self.identity = {"kind": "oracle_writer", "k": self.k, "malformed_rate": self.malformed_rate}
@@ -287,45 +288,3 @@ class OracleWriter:
 
     def write(self, seeds: Sequence[PromptRecord], instructions: Sequence[str], seed: int) -> list[str]:
         return [self._one(s, seed) for s in seeds]
-
-
-# ----------------------------------------------------------------------------- the teacher model as writer
-
-
-class TeacherWriter:
-    """The teacher model writes: the instruction becomes the question of a prompt on the seed's
-    image (the data pipeline's chat template and image processing), sampled once per seed."""
-
-    def __init__(self, teacher, tokenizer, *, pipeline_config, temperature: float = 0.7, top_p: float = 0.95,
-                 max_new_tokens: int = 256, batch_size: int = 4, mesh=None, identity: Mapping[str, Any] | None = None):
-        from jdelta.data.tokenizer import SpecialTokens
-        from jdelta.delta_scoring import make_sampler
-        from jdelta.sampling import SamplingParams
-
-        self.teacher, self.tokenizer, self.pipeline_config = teacher, tokenizer, pipeline_config
-        special = SpecialTokens.from_tokenizer(tokenizer)
-        self.params = SamplingParams(temperature=float(temperature), top_p=float(top_p), top_k=0,
-                                     max_new_tokens=int(max_new_tokens), stop_token_ids=special.stop_ids, n=1)
-        self.sampler = make_sampler(teacher, mesh=mesh, pad_id=special.pad, batch_size=int(pipeline_config.batch_size))
-        self.identity = {"kind": "teacher_writer", "temperature": temperature, "top_p": top_p,
-                         "max_new_tokens": max_new_tokens, **dict(identity or {})}
-
-    def write(self, seeds: Sequence[PromptRecord], instructions: Sequence[str], seed: int) -> list[str]:
-        """One generation per seed; a prompt the pipeline cannot process yields ``""`` (counted
-        downstream as ``no_questions``)."""
-        import jax
-
-        from jdelta.data.records import ListSource
-        from jdelta.delta_scoring import PromptProcessor, sample_texts
-
-        recs = [PromptRecord(id=s.id, images=list(s.images), question=ins, answer=None, answer_type="text",
-                             category=s.category, family=s.family) for s, ins in zip(seeds, instructions, strict=True)]
-        proc = PromptProcessor(ListSource(recs), self.tokenizer, self.pipeline_config)
-        out = [""] * len(recs)
-        good = [ex for ex in (proc.process(i) for i in range(len(recs))) if "_skip" not in ex]
-        key = jax.random.key(seed)
-        for b, (chunk, batch) in enumerate(proc.batches(good)):
-            texts, _ = sample_texts(self.sampler, self.tokenizer, batch, self.params, jax.random.fold_in(key, b))
-            for ex, t in zip(chunk, texts, strict=True):
-                out[int(ex["record_index"])] = t[0]
-        return out

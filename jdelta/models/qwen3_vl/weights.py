@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct as _struct
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -25,6 +26,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from jdelta.errors import UserError
 from jdelta.models.qwen3_vl.config import Qwen3VLConfig
 from jdelta.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
 from jdelta.sharding import Rules, state_shardings
@@ -42,20 +44,51 @@ class CheckpointMismatchError(ValueError):
     """The checkpoint's keys or shapes do not match the model config."""
 
 
+class CheckpointFileError(UserError, ValueError):
+    """A safetensors file that cannot be read (truncated, corrupt header); the message names it."""
+
+
 # ----------------------------------------------------------------------------- safetensors I/O
 
 def read_safetensors_header(file: Path) -> tuple[dict, int]:
-    """``(header dict, data start offset)`` of a safetensors file."""
+    """``(header dict, data start offset)`` of a safetensors file.
+
+    Checks that the file holds every byte its header describes, so a half-written or partly
+    downloaded file fails here, naming the file, instead of deep inside a memory map.
+    """
+    size = Path(file).stat().st_size
     with open(file, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise ValueError(f"{file}: not a safetensors file (too short)")
+            raise CheckpointFileError(f"{file}: not a safetensors file (only {size} bytes)")
         (n,) = _struct.unpack("<Q", raw)
+        if n > size - 8:
+            raise CheckpointFileError(
+                f"{file}: truncated or not a safetensors file (header of {n} bytes, file of {size} bytes)")
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{file}: corrupt safetensors header ({e})") from e
+            raise CheckpointFileError(f"{file}: corrupt safetensors header ({e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointFileError(f"{file}: corrupt safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
+    need = 8 + n
+    for key, entry in header.items():
+        try:
+            start, end = (int(v) for v in entry["data_offsets"])
+            shape = [int(d) for d in entry["shape"]]
+            dtype = str(entry["dtype"])
+        except (TypeError, ValueError, KeyError) as e:
+            raise CheckpointFileError(f"{file}: corrupt safetensors header entry for {key!r} ({e!r})") from e
+        if not 0 <= start <= end:
+            raise CheckpointFileError(f"{file}: tensor {key!r} has invalid data offsets [{start}, {end}]")
+        if dtype in _ST_DTYPES and end - start != math.prod(shape) * _ST_DTYPES[dtype].itemsize:
+            raise CheckpointFileError(f"{file}: tensor {key!r}: byte range does not match its shape {tuple(shape)}")
+        need = max(need, 8 + n + end)
+    if size < need:
+        raise CheckpointFileError(
+            f"{file}: truncated safetensors file ({size} bytes, its header describes {need}); "
+            "a half-written save or an interrupted download?")
     return header, 8 + n
 
 
@@ -65,14 +98,12 @@ class _TensorSource:
     def __init__(self, file: Path, entry: dict, data_start: int):
         self.file, self.entry, self.data_start = file, entry, data_start
         if entry["dtype"] not in _ST_DTYPES:
-            raise ValueError(f"{file}: tensor dtype {entry['dtype']} is not supported")
+            raise CheckpointFileError(f"{file}: tensor dtype {entry['dtype']} is not supported")
         self.dtype = _ST_DTYPES[entry["dtype"]]
         self.shape = tuple(entry["shape"])
 
     def array(self) -> np.ndarray:
-        start, end = self.entry["data_offsets"]
-        if end - start != math.prod(self.shape) * self.dtype.itemsize:
-            raise ValueError(f"{self.file}: tensor byte range does not match its shape {self.shape}")
+        start, _ = self.entry["data_offsets"]
         if math.prod(self.shape) == 0:
             return np.zeros(self.shape, self.dtype)
         return np.memmap(self.file, dtype=self.dtype, mode="r", offset=self.data_start + start, shape=self.shape)
@@ -105,7 +136,7 @@ def checkpoint_tensors(path: str | Path) -> dict[str, _TensorSource]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index}: invalid index file ({e!r})") from e
+            raise CheckpointFileError(f"{index}: invalid index file ({e!r})") from e
         files = sorted({path / f for f in weight_map.values()})
     elif (path / "model.safetensors").is_file():
         files = [path / "model.safetensors"]
@@ -127,7 +158,10 @@ def checkpoint_tensors(path: str | Path) -> dict[str, _TensorSource]:
 
 
 def write_safetensors(file: Path, tensors: Iterable[tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]]):
-    """Stream tensors to a safetensors file; each is produced by its callable only when written."""
+    """Stream tensors to a safetensors file; each is produced by its callable only when written.
+
+    The bytes go to ``<file>.tmp``, renamed to ``file`` only once complete: an interrupted save
+    never leaves a half-written file under the real name."""
     tensors = list(tensors)
     header, offset = {}, 0
     for key, shape, dtype, _ in tensors:
@@ -137,14 +171,20 @@ def write_safetensors(file: Path, tensors: Iterable[tuple[str, tuple[int, ...], 
     header["__metadata__"] = {"format": "pt"}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    with open(file, "wb") as f:
-        f.write(_struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for key, shape, dtype, make in tensors:
-            arr = np.ascontiguousarray(make(), dtype=dtype)
-            if arr.shape != tuple(shape):
-                raise ValueError(f"{file}: tensor {key} has shape {arr.shape}, expected {shape}")
-            f.write(arr.tobytes())
+    file = Path(file)
+    tmp = file.with_name(file.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(_struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for key, shape, dtype, make in tensors:
+                arr = np.ascontiguousarray(make(), dtype=dtype)
+                if arr.shape != tuple(shape):
+                    raise ValueError(f"{file}: tensor {key} has shape {arr.shape}, expected {shape}")
+                f.write(arr.tobytes())
+        os.replace(tmp, file)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- name mapping

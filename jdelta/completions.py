@@ -1,0 +1,137 @@
+"""Decoded completions of prompt records, through the one batch path every sampling stage uses.
+
+records (a source or a list of :class:`~jdelta.data.records.PromptRecord`) -> the Grain prompt
+pipeline (:func:`jdelta.data.pipeline.make_prompt_batches`: each record parsed once, images
+processed, chat template, bucketed batches, failures skipped and listed) -> a
+:class:`~jdelta.sampling.Sampler` built with the pipeline's buckets (nothing is padded twice) ->
+decoded text.
+
+* :func:`prompt_batches` yields ``PromptBatch(indices, records, inputs)`` and lists the records
+  left out in ``.skipped``; ``inputs`` holds only the batch's real rows (the sampler's batch bucket
+  restores the row count, so the compiled shapes stay fixed);
+* :func:`sample_texts` samples ``n`` completions per prompt row and decodes them;
+* :func:`make_sampler` / :func:`sampling_params` build the sampler and its parameters for a
+  pipeline config and a :class:`~jdelta.config.SamplingConfig`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from jdelta.config import SamplingConfig
+    from jdelta.data.pipeline import PipelineConfig
+    from jdelta.data.records import PromptRecord
+    from jdelta.sampling import Sampler, SamplingParams
+
+
+@dataclass
+class PromptBatch:
+    """One batch of prompts ready for a sampler.
+
+    indices: source index of each row; records: the parsed records (images dropped);
+    inputs: ``input_ids, attention_mask [b, S]`` (the ``b`` real rows only), and when the batch
+    has images ``pixel_values [P, D]``, ``image_grid_thw [N, 3]`` (bucket-padded by the pipeline).
+    """
+
+    indices: list[int]
+    records: list[PromptRecord]
+    inputs: dict[str, np.ndarray]
+
+
+class PromptBatches:
+    """Iterator of :class:`PromptBatch` over ``source`` (see :func:`prompt_batches`)."""
+
+    def __init__(self, source, tokenizer, config: PipelineConfig, select: slice | None = None):
+        from jdelta.data.pipeline import make_prompt_batches
+
+        self._it = make_prompt_batches(source, tokenizer=tokenizer, shuffle=False, config=config, process_index=0,
+                                       process_count=1, select=select, keep_skipped=True)
+
+    def __iter__(self) -> Iterator[PromptBatch]:
+        for batch in self._it:
+            rows = np.asarray(batch["record_index"])
+            k = int((rows >= 0).sum())  # collate puts the real rows first
+            inputs = {"input_ids": batch["input_ids"][:k], "attention_mask": batch["attention_mask"][:k]}
+            if np.asarray(batch["image_grid_thw"]).any():
+                inputs["pixel_values"] = batch["pixel_values"]
+                inputs["image_grid_thw"] = batch["image_grid_thw"]
+            yield PromptBatch([int(i) for i in rows[:k]], list(batch["records"][:k]), inputs)
+
+    @property
+    def skipped(self) -> list[dict]:
+        """Records left out so far: ``{"record_index", "id", "reason", "message"}`` each."""
+        return list(self._it.skipped)
+
+    @property
+    def skip_report(self):
+        return self._it.skip_report
+
+
+def prompt_batches(source, tokenizer, config: PipelineConfig, *, select: slice | None = None) -> PromptBatches:
+    """Batches of ``source`` (records source or list of records; ``select``: a slice of it) in
+    source order, every process the same (no per-host sharding: each runs the same program)."""
+    return PromptBatches(source, tokenizer, config, select)
+
+
+def make_sampler(model, *, pipeline: PipelineConfig, pad_id: int, mesh=None) -> Sampler:
+    """A :class:`~jdelta.sampling.Sampler` for batches of ``pipeline`` (same buckets; the batch row
+    count is fixed at ``pipeline.batch_size`` so a short final batch compiles nothing new)."""
+    from jdelta.sampling import Sampler
+
+    return Sampler(model, mesh=mesh, pad_id=pad_id, seq_buckets=pipeline.seq_buckets,
+                   patch_buckets=pipeline.patch_buckets, image_buckets=pipeline.image_buckets,
+                   batch_buckets=(pipeline.batch_size,))
+
+
+def sampling_params(sampling: SamplingConfig, stop_token_ids: Sequence[int], *, greedy: bool = False) -> SamplingParams:
+    """The sampler's parameters for ``sampling`` (``greedy``: temperature 0)."""
+    from jdelta.sampling import SamplingParams
+
+    return SamplingParams(temperature=0.0 if greedy else float(sampling.temperature), top_p=float(sampling.top_p),
+                          top_k=int(sampling.top_k), max_new_tokens=int(sampling.max_new_tokens),
+                          stop_token_ids=tuple(stop_token_ids), n=int(sampling.n))
+
+
+def decode_completions(tokenizer, tokens: np.ndarray, lengths: np.ndarray) -> list[str]:
+    """Text of each row's first ``length`` tokens (special tokens such as ``<|im_end|>`` dropped)."""
+    return [
+        tokenizer.decode([int(t) for t in row[: int(n)]], skip_special_tokens=True)
+        for row, n in zip(tokens, lengths, strict=True)
+    ]
+
+
+def sample_texts(sampler, tokenizer, batch: Mapping[str, np.ndarray], params, rng) -> tuple[list[list[str]], list]:
+    """``n`` decoded completions per prompt row (``[b][n]``) and their finish reasons (``[b][n]``)."""
+    res = sampler.generate(batch, params, rng=rng)
+    texts = decode_completions(tokenizer, res.tokens, res.lengths)
+    b = batch["input_ids"].shape[0]
+    n = params.n
+    by_prompt = [texts[i * n : (i + 1) * n] for i in range(b)]
+    finish = [res.finish_reason[i * n : (i + 1) * n] for i in range(b)]
+    return by_prompt, finish
+
+
+def progress_bar(total: int, desc: str, enabled: bool, initial: int = 0) -> Any:
+    """A tqdm bar over prompts, or None when disabled."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="prompt", dynamic_ncols=True)
+
+
+__all__ = [
+    "PromptBatch",
+    "PromptBatches",
+    "decode_completions",
+    "make_sampler",
+    "progress_bar",
+    "prompt_batches",
+    "sample_texts",
+    "sampling_params",
+]
