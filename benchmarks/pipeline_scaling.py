@@ -32,8 +32,8 @@ def config(n: int, budget: float, rounds: int, width: int, height: int, unit: in
         "rounds": rounds,
         "unit_size": unit,
         "source": {"kind": "procedural", "n": n, "width": width, "height": height},
-        "scorer": {"kind": "oracle", "failing_families": ["trend"], "n": 8, "num_permutations": perms,
-                   "num_posterior_draws": perms + 1},
+        "scorer": {"kind": "oracle", "failing_families": ["trend"], "sampling": {"n": 8},
+                   "delta": {"num_permutations": perms, "num_posterior_draws": perms + 1}},
         "synthesis": {"writer": {"kind": "oracle", "seeds": k, "k": 3}, "steered": {"n": k, "width": width, "height": height},
                       "next_round_seeds": k},
     }
@@ -53,10 +53,10 @@ def main() -> None:
     root = Path(args.out)
     shutil.rmtree(root, ignore_errors=True)
     # Warm-up: compile the Δ programs for this unit size.
-    Pipeline(root / "warmup", config(64, args.budget, 1, args.width, args.height, args.unit, args.permutations), log=None).run()
+    Pipeline(root / "warmup", config(64, args.budget, 1, args.width, args.height, args.unit, args.permutations)).run()
     rows = []
     for n in args.sizes:
-        p = Pipeline(root / f"n{n}", config(n, args.budget, args.rounds, args.width, args.height, args.unit, args.permutations), log=None)
+        p = Pipeline(root / f"n{n}", config(n, args.budget, args.rounds, args.width, args.height, args.unit, args.permutations))
         t0 = time.perf_counter()
         m = p.run()
         sec = time.perf_counter() - t0

@@ -42,7 +42,7 @@ def _key_name(k: Any) -> str:
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     """Dotted key path -> shape of every array-like leaf (one naming for templates and Orbax metadata)."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {".".join(_key_name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves
             if hasattr(leaf, "shape")}
 

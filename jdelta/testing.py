@@ -21,6 +21,7 @@ torch is imported only inside the functions that build ``transformers`` models.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -147,7 +148,7 @@ def make_random_model_dir(config, tokenizer, path: str | Path, seed: int = 0, *,
     save_hf_checkpoint(model, config, path)
     tokenizer.save_pretrained(str(path))
     (path / "RANDOM_WEIGHTS.txt").write_text(
-        f"Randomly initialised (seed {seed}) by jdelta.demo; not a trained model.\n")
+        f"Randomly initialised (seed {seed}) by jdelta.testing.make_random_model_dir; not a trained model.\n")
     return path
 
 
@@ -227,7 +228,9 @@ def make_seeds(out_dir: str | Path, n: int, seed: int = 0, *, width: int = 192, 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "records.jsonl"
-    write_jsonl(generate_records(n, seed, width=width, height=height), path)
+    tmp = out / ".records.jsonl.tmp"  # renamed when complete: a killed run leaves no partial file
+    write_jsonl(generate_records(n, seed, width=width, height=height), tmp)
+    os.replace(tmp, path)
     return path
 
 

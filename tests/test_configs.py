@@ -43,9 +43,11 @@ def test_mesh_configs(path):
 
 def test_overrides_parse_yaml_values():
     cfg = load(Config, CONFIGS / "distill_demo.yaml", ["train.steps=7", "mesh={fsdp: 2}", "distill.mode=gkd",
-                                                       "optimizer.learning_rate=1e-3", "checkpoint.async=false"])
+                                                       "optimizer.learning_rate=1e-3", "checkpoint.async_save=false"])
     assert cfg.train.steps == 7 and cfg.mesh.fsdp == 2 and cfg.distill.mode == "gkd"
     assert cfg.optimizer.learning_rate == 1e-3  # YAML reads "1e-3" as a string: validated to a float
-    assert cfg.checkpoint.async_save is False  # `async` is kept as a YAML alias of async_save
+    assert cfg.checkpoint.async_save is False
+    old = build(Config, {"student": {"random": {}}, "teacher": {"random": {}}, "checkpoint": {"async": False}})
+    assert old.checkpoint.async_save is False  # `async` (a Python keyword) is kept as a YAML alias of async_save
     with pytest.raises(ValueError, match="key.sub=value"):
         load_mapping(None, ["nonsense"])

@@ -7,8 +7,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jdelta.data.records import PromptRecord
-from jdelta.errors import UserError
 from jdelta.data.image_processor import (
     ImageConfig,
     ImageError,
@@ -18,6 +16,8 @@ from jdelta.data.image_processor import (
     process_images,
     smart_resize,
 )
+from jdelta.data.records import PromptRecord
+from jdelta.errors import UserError
 
 MIN_PIXELS = 32 * 32 * 4
 MAX_PIXELS = 32 * 32 * 256

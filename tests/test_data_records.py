@@ -12,7 +12,6 @@ from jdelta import answers as ans
 from jdelta.benchmark_metrics import references_of
 from jdelta.cli import main as cli_main
 from jdelta.data.charts import generate_records
-from jdelta.errors import UserError
 from jdelta.data.records import (
     LAYOUTS,
     ArrayRecordSource,
@@ -27,6 +26,7 @@ from jdelta.data.records import (
     write_array_record,
     write_jsonl,
 )
+from jdelta.errors import UserError
 
 
 def _png(value: int, size=(24, 16)) -> bytes:
@@ -140,7 +140,7 @@ def test_non_utf8_line_names_file_line_and_id(tmp_path):
     escape as a bare UnicodeDecodeError that the pipeline reported as "source index 2: ..."."""
     p = tmp_path / "latin1.jsonl"
     good = _line(id="ok").encode()
-    bad = _line(id="u7", question="caf\u00e9?").encode().replace("caf\\u00e9".encode(), b"caf\xe9")
+    bad = _line(id="u7", question="caf\u00e9?").encode().replace(b"caf\\u00e9", b"caf\xe9")
     no_id = b'{"id": "\xff", "images": [], "question": "q"}'
     p.write_bytes(good + b"\n" + bad + b"\n" + no_id + b"\n")
     src = JsonlSource(p)

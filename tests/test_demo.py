@@ -1,19 +1,25 @@
 """``jdelta demo`` at tiny sizes: seeds -> tokenizer -> random pair -> score (-> VA-OPD -> re-score)."""
 
+import dataclasses
 import json
 
 import pytest
 
-from jdelta.demo import RANDOM_NOTE, run_demo
+from jdelta.cli import main
 from jdelta.models.qwen3_vl import Qwen3VLConfig
+from jdelta.stages.demo import RANDOM_NOTE, Config, run_demo
 
 TINY = dict(n_prompts=6, n=2, max_new_tokens=6, shard_size=4, batch_size=4, max_pixels=64 * 64, vocab_size=320,
             teacher_layers=1, progress=False)
 
 
+def demo(out, **kw) -> dict:
+    return run_demo(Config(out=str(out), **{**TINY, **kw}))
+
+
 def test_demo_smoke_without_distillation(tmp_path, capsys):
     out = tmp_path / "demo"
-    res = run_demo(out, distill_steps=0, **TINY)
+    res = demo(out, distill_steps=0)
     printed = capsys.readouterr().out
     assert "RANDOMLY INITIALISED" in printed and "| before distillation" in printed
     t_cfg = Qwen3VLConfig.from_pretrained(out / "models" / "teacher")
@@ -34,15 +40,29 @@ def test_demo_smoke_without_distillation(tmp_path, capsys):
 
     # Rerunning reuses every artefact: nothing is regenerated or rescored.
     mtime = (out / "models" / "teacher" / "model.safetensors").stat().st_mtime_ns
-    run_demo(out, distill_steps=0, **TINY)
+    demo(out, distill_steps=0)
     assert (out / "models" / "teacher" / "model.safetensors").stat().st_mtime_ns == mtime
     assert json.loads((out / "score" / "manifest.json").read_text())["shards"]["resumed"] == 2
+    assert json.loads((out / "manifest.json").read_text())["complete"]
+
+    # ... and other settings in the same directory are refused naming the key (exit 2, one line)
+    capsys.readouterr()
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in {**TINY, "distill_steps": 0, "n": 3}.items() if k != "progress"]
+    assert main(["demo", "--out", str(out), "--no-progress", *args]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "holds a demo run with other settings: config.n (2 -> 3)" in err[0]
+
+
+def test_demo_config_errors():
+    with pytest.raises(ValueError, match="distill_steps: must be >= 0"):
+        Config(out="x", distill_steps=-1)
+    assert dataclasses.replace(Config(out="x"), n=2).n == 2
 
 
 @pytest.mark.slow
 def test_demo_with_distillation(tmp_path):
     out = tmp_path / "demo"
-    res = run_demo(out, distill_steps=2, **TINY)
+    res = demo(out, distill_steps=2)
     d = res["distill"]
     assert d is not None and d["steps"] == 2 and d["checkpoint_steps"] == [2]
     export = out / "models" / "student-distilled"
@@ -50,6 +70,6 @@ def test_demo_with_distillation(tmp_path):
     assert Qwen3VLConfig.from_pretrained(export) == Qwen3VLConfig.from_pretrained(out / "models" / "student")
     rescore = json.loads((out / "rescore" / "manifest.json").read_text())
     assert rescore["complete"] and rescore["counts"]["input"] == 6
-    assert rescore["config"]["student"]["weights_fingerprint"] != json.loads(
-        (out / "score" / "manifest.json").read_text())["config"]["student"]["weights_fingerprint"]
+    assert rescore["inputs"]["student"]["weights_fingerprint"] != json.loads(
+        (out / "score" / "manifest.json").read_text())["inputs"]["student"]["weights_fingerprint"]
     assert [name for name, _, _ in res["rows"]] == ["before distillation", "after distillation"]

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
-from scipy.special import gammaln, xlogy
 from scipy.spatial.distance import jensenshannon
+from scipy.special import gammaln, xlogy
 
 from jdelta import divergence as D
 

@@ -2,12 +2,13 @@
 
 import json
 
+import jdelta.evaluate as ev
 import pytest
 
-import jdelta.evaluate as ev
 from jdelta.cli import main
 from jdelta.data.records import PromptRecord, read_jsonl, write_jsonl
-from jdelta.demo import make_random_model_dir, make_seeds, make_tokenizer, tiny_config
+from jdelta.testing import make_random_model_dir, make_seeds, make_tokenizer
+from jdelta.testing import tiny_config_for_tokenizer as tiny_config
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
-"""Qwen3-VL port: parity with transformers (CPU, fp32) on a tiny random checkpoint.
+"""Qwen3-VL port: parity with transformers (CPU, fp32 and bf16) on a tiny random checkpoint.
 
 The HF model is built once per module, saved with ``save_pretrained`` and loaded with
-jdelta; logits are compared at every real token (max abs diff <= 1e-4, logits O(1)).
+jdelta; logits are compared at every real token (fp32: max abs diff <= 1e-4, logits O(1);
+bf16: see :func:`test_bf16_logits_match_transformers_bf16`).
 """
 
 import jax.numpy as jnp
@@ -19,8 +20,10 @@ from qwen3_vl_tiny import (
     make_batch,
     tiny_checkpoint,
 )
+from transformers import Qwen3VLForConditionalGeneration as HFModel
 
 from jdelta.models.qwen3_vl import Qwen3VLConfig, get_rope_index
+from jdelta.models.qwen3_vl.weights import load_hf_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +42,58 @@ def test_logits_match_transformers(ckpt, case):
     # hidden states + lm_head_weight() reproduce the logits (the chunked-loss path)
     np.testing.assert_allclose(np.asarray(out.hidden_states @ model.lm_head_weight()), np.asarray(out.logits),
                                atol=1e-5)
+
+
+def _hf_bf16_logits(hf16, ids, mask, pv, grid) -> np.ndarray:
+    kw = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
+    if pv is not None:
+        kw.update(pixel_values=torch.tensor(pv, dtype=torch.bfloat16), image_grid_thw=torch.tensor(grid),
+                  mm_token_type_ids=torch.tensor((ids == IMG).astype(np.int64)))
+    with torch.no_grad():
+        return hf16(**kw).logits.float().numpy()
+
+
+def test_bf16_logits_match_transformers_bf16(ckpt):
+    """bf16 weights and bf16 compute on both sides (CPU), every case: 108 real positions.
+
+    Tolerances, chosen from measurement (logits |x| <= ~3.7, so one bf16 ulp there is ~0.016):
+    max |jdelta - transformers| measured 0.080, mean 0.008; bounds 0.15 (~9 ulps) and 0.03.
+    Against the fp32 reference each side errs by 0.06-0.10 (within 11% of each other); jdelta's
+    error must stay within 1.5x transformers' own bf16 error + 0.02. Top-1 agreement measured
+    107/108 (the flip is a tie to 1 ulp: top-2 gap 0.008); required >= 0.95, and every flip at a
+    near tie (transformers' top-2 gap < 0.1).
+
+    What this does and does not prove: the bf16 path (bf16 loading, casts, vision tower,
+    DeepStack, the head) computes transformers' function to bf16 noise. At this size it cannot
+    resolve per-op precision choices: RMSNorm, RoPE or softmax done in bf16 instead of fp32 each
+    still pass (tried); those matter only at real widths and lengths.
+    """
+    hf, _, _, path = ckpt
+    half, config = load_hf_checkpoint(path, dtype="bfloat16")
+    assert config.dtype == "bfloat16"
+    hf16 = HFModel.from_pretrained(path, dtype=torch.bfloat16).eval()
+    ref, got, want = [], [], []
+    for case in CASES.values():
+        ids, mask, pv, grid = make_batch(case)
+        valid = mask.astype(bool)
+        ref.append(hf_logits(hf, ids, mask, pv, grid)[valid])
+        want.append(_hf_bf16_logits(hf16, ids, mask, pv, grid)[valid])
+        logits, _, out = jd_bucketed(half, ids, mask, pv, grid)
+        assert out.logits.dtype == jnp.bfloat16
+        got.append(np.asarray(logits, np.float32)[valid])
+    ref, got, want = (np.concatenate(x) for x in (ref, got, want))
+    diff = np.abs(got - want)
+    err_jd, err_hf = np.abs(got - ref).max(), np.abs(want - ref).max()
+    top1 = got.argmax(-1) == want.argmax(-1)
+    top2 = -np.sort(-want, -1)[:, :2]
+    margin = top2[:, 0] - top2[:, 1]  # transformers' own top-2 gap
+    print(f"bf16: max|jd-hf|={diff.max():.3f} mean={diff.mean():.4f}  vs fp32: jd {err_jd:.3f} hf {err_hf:.3f}  "
+          f"top-1 {top1.mean():.3f} ({top1.sum()}/{top1.size}), margins at flips {margin[~top1]}")
+    assert np.abs(ref).max() > 2.0  # logits large enough for the bounds to mean something
+    assert diff.max() <= 0.15 and diff.mean() <= 0.03, (diff.max(), diff.mean())
+    assert err_jd <= 1.5 * err_hf + 0.02, (err_jd, err_hf)
+    assert top1.mean() >= 0.95, top1.mean()
+    assert (margin[~top1] < 0.1).all(), margin[~top1]  # flips only at near ties
 
 
 def test_return_logits_false_and_eager_call(ckpt):

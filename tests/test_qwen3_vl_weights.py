@@ -21,8 +21,8 @@ from qwen3_vl_tiny import (
 from safetensors.torch import load_file, save_file
 from transformers import Qwen3VLForConditionalGeneration as HFModel
 
-from jdelta.models.qwen3_vl import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 from jdelta.errors import UserError
+from jdelta.models.qwen3_vl import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 from jdelta.models.qwen3_vl.weights import (
     CheckpointFileError,
     CheckpointMismatchError,

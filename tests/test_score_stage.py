@@ -44,6 +44,14 @@ def setup(tmp_path_factory):
     return root, prompts, teacher, student, tok
 
 
+@pytest.fixture(scope="module")
+def session():
+    """One model session for the module: the pair is loaded and its samplers compiled once."""
+    from jdelta.models.loading import ModelSession
+
+    return ModelSession()
+
+
 def config(teacher, student, prompts, out, **over) -> Config:
     mapping = {"teacher": str(teacher), "student": str(student), "prompts": str(prompts), "out": str(out),
                **SETTINGS, **over}
@@ -59,7 +67,7 @@ def _entries(run_dir):
     return [json.loads(x) for x in (run_dir / "scores.jsonl").read_text().splitlines()]
 
 
-def test_score_counts_add_up_and_resume(setup, tmp_path):
+def test_score_counts_add_up_and_resume(setup, session, tmp_path):
     root, prompts, teacher, student, _ = setup
     total = N_GOOD + 3
     out = tmp_path / "run"
@@ -72,7 +80,7 @@ def test_score_counts_add_up_and_resume(setup, tmp_path):
             raise Killed
 
     with pytest.raises(Killed):  # "killed" after two of the five shards were written
-        run_score(config(teacher, student, prompts, out, shard_size=2), after_shard=kill_after_two)
+        run_score(config(teacher, student, prompts, out, shard_size=2), after_shard=kill_after_two, session=session)
     shards = sorted((out / "shards").glob("shard-*.jsonl"))
     assert [p.name for p in shards] == ["shard-00000.jsonl", "shard-00001.jsonl"]
     assert not list((out / "shards").glob("*.tmp"))
@@ -80,10 +88,10 @@ def test_score_counts_add_up_and_resume(setup, tmp_path):
     assert not (out / "scores.jsonl").exists()
 
     # The rerun scores only the missing shards, stopping after one more (a second interruption).
-    m = run_score(config(teacher, student, prompts, out, shard_size=2, max_shards=1))
+    m = run_score(config(teacher, student, prompts, out, shard_size=2, max_shards=1), session=session)
     assert m["shards"] == {"total": 5, "resumed": 2, "scored_now": 1, "done": 3} and not m["complete"]
     assert m["counts"]["accounted"] == 6 and m["counts"]["remaining"] == total - 6
-    m = run_score(config(teacher, student, prompts, out, shard_size=2))
+    m = run_score(config(teacher, student, prompts, out, shard_size=2), session=session)
     assert m["complete"] and m["shards"]["resumed"] == 3 and m["shards"]["scored_now"] == 2
     for p in sorted((out / "shards").glob("shard-*.jsonl"))[:2]:  # never rewritten
         assert (p.read_bytes(), p.stat().st_mtime_ns) == before[p.name]
@@ -136,12 +144,12 @@ def test_score_counts_add_up_and_resume(setup, tmp_path):
         run_score(config(teacher, student, prompts, out, shard_size=2, sampling={**SETTINGS["sampling"], "n": 3}))
 
 
-def test_score_prompts_library_call(setup):
+def test_score_prompts_library_call(setup, session):
     root, _, teacher, student, tok = setup
     records = list(read_jsonl(root / "seeds" / "records.jsonl"))[:3]
     s = SETTINGS
     rows = score_prompts(teacher, student, records, tokenizer=tok, sampling=build_part("sampling"),
-                         prompt=build_part("prompt"), tests=DeltaTestConfig(**s["delta"]))
+                         prompt=build_part("prompt"), tests=DeltaTestConfig(**s["delta"]), session=session)
     assert [r["id"] for r in rows] == [r.id for r in records]
     assert all(r["status"] == "scored" and set(r["delta"]) == set(dv.METRICS) for r in rows)
 
@@ -177,33 +185,27 @@ def test_delta_records_on_known_answers():
     assert noref["delta"]["tv"] == 0.5 and noref["reference"] is None and noref["teacher_accuracy"] is None
 
 
-def test_list_references_stay_lists_end_to_end(setup, tmp_path, monkeypatch):
+def test_list_references_stay_lists_end_to_end(setup, session, tmp_path, monkeypatch):
     """issue 11.1: ``"answer": ["123", "124"]``: a correct "123" (or "124") scores 1, through the stage."""
     _, prompts, teacher, student, _ = setup
     good = json.loads(prompts.read_text().splitlines()[0])
     rec = dict(good, id="several", answer=["123", "124"], answer_type="number")
     path = tmp_path / "list.jsonl"
     path.write_text(json.dumps(rec) + "\n")
+    teacher_model = session.model(teacher)
 
     def fake(sampler, tokenizer, batch, params, rng):  # teacher says 123, student 124: both right
         b = batch["input_ids"].shape[0]
-        text = "Answer: 123" if sampler is calls["teacher"] else "Answer: 124"
+        text = "Answer: 123" if sampler.model is teacher_model else "Answer: 124"
         return [[text] * params.n] * b, [["stop"] * params.n] * b
 
-    calls = {}
-    real_init = completions.make_sampler
-
-    def remember(model, **kw):
-        s = real_init(model, **kw)
-        calls.setdefault("teacher", s)  # the first sampler made is the teacher's
-        return s
-
-    monkeypatch.setattr(completions, "make_sampler", remember)
     monkeypatch.setattr(completions, "sample_texts", fake)
-    m = run_score(config(teacher, student, path, tmp_path / "out"))
+    m = run_score(config(teacher, student, path, tmp_path / "out"), session=session)
     assert m["complete"]
     (e,) = _entries(tmp_path / "out")
     assert e["reference"] == ["123", "124"]
+    assert [(c["label"], c["teacher"], c["student"], c["correct"]) for c in e["classes"]] == [
+        ("123", 2, 0, True), ("124", 0, 2, True)]
     assert e["teacher_accuracy"] == 1.0 and e["student_accuracy"] == 1.0
     assert e["teacher_majority_correct"] and e["student_majority_correct"]
 
@@ -216,7 +218,8 @@ def test_bad_input_is_one_line_exit_2(setup, tmp_path, capsys):
     cases = [
         (cli_args(teacher, student, tmp_path / "p.csv", tmp_path / "o1"), "unknown records format"),
         (cli_args(teacher, student, tmp_path / "empty.jsonl", tmp_path / "o2"), "no prompt records"),
-        (cli_args(tmp_path / "nowhere", student, prompts, tmp_path / "o3"), "teacher"),
+        (cli_args(tmp_path / "nowhere", student, prompts, tmp_path / "o3"),
+         f"teacher {tmp_path / 'nowhere'}: no config.json"),
         (cli_args(teacher, student, prompts, tmp_path / "o4", "--n", "0"), "config key 'sampling.n': must be >= 1"),
         (cli_args(teacher, student, prompts, tmp_path / "o5", "--metric", "l2"), "config key 'delta.metric'"),
     ]
@@ -224,12 +227,6 @@ def test_bad_input_is_one_line_exit_2(setup, tmp_path, capsys):
         assert main(args) == 2, args
         err = capsys.readouterr().err.splitlines()
         assert len(err) == 1 and err[0].startswith("jdelta score: error: ") and fragment in err[0], err
-    assert "nowhere" in main_err(capsys, cli_args(tmp_path / "nowhere", student, prompts, tmp_path / "o3"))
-
-
-def main_err(capsys, args):
-    main(args)
-    return capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, fragment", [
@@ -259,15 +256,14 @@ def test_second_process_is_refused_by_the_lock(setup, tmp_path, capsys):
     assert rc == 2 and len(err) == 1 and str(out) in err[0] and "in use by another jdelta process" in err[0]
 
 
-def test_prompts_edited_in_place_are_a_different_input(setup, tmp_path):
+def test_prompts_edited_in_place_are_a_different_input(setup, session, tmp_path):
     """issue 11.7: same path, same size, other content (a reference changed) -> refused, not stale shards."""
     _, prompts, teacher, student, _ = setup
     path = tmp_path / "p.jsonl"
     lines = prompts.read_text().splitlines()
     path.write_text("\n".join(lines[:2]) + "\n")
     out = tmp_path / "out"
-    run_score(config(teacher, student, path, out, max_shards=0))  # binds nothing: no shard done yet
-    assert run_score(config(teacher, student, path, out))["complete"]
+    assert run_score(config(teacher, student, path, out), session=session)["complete"]
     rec = json.loads(lines[0])
     old_answer = rec["answer"]
     new_answer = "9" * len(old_answer) if old_answer != "9" * len(old_answer) else "8" * len(old_answer)
@@ -277,8 +273,8 @@ def test_prompts_edited_in_place_are_a_different_input(setup, tmp_path):
     path.write_text(edited + "\n" + lines[1] + "\n")
     assert path.stat().st_size == size
     with pytest.raises(RunDirError, match=r"inputs\.prompts\.content"):
-        run_score(config(teacher, student, path, out))
-    m = run_score(config(teacher, student, path, out, overwrite=True))  # explicitly discarded: rescored
+        run_score(config(teacher, student, path, out), session=session)
+    m = run_score(config(teacher, student, path, out, overwrite=True), session=session)  # explicitly discarded: rescored
     assert m["complete"] and _entries(out)[0]["reference"] == [new_answer]
 
 
@@ -324,6 +320,7 @@ def test_score_on_a_mesh(setup):
     """Sharded models and prompts (8 host CPU devices as data x fsdp): the models' parameters live
     on all 8 devices and the entries are valid and complete."""
     import jax
+    from flax import nnx
 
     from jdelta.config import MeshConfig
     from jdelta.models.loading import ModelSession
@@ -337,9 +334,6 @@ def test_score_on_a_mesh(setup):
     for r in rows:
         assert r["status"] == "scored" and r["n_teacher"] == 2 and r["n_student"] == 2
         assert 0.0 <= r["delta"]["tv"] <= 1.0
-    model = session.model(teacher)
-    embed = jax.tree.leaves(model.text.embed_tokens)[0] if hasattr(model, "text") else None
-    leaves = [x for x in jax.tree.leaves(__import__("flax").nnx.state(model)) if hasattr(x, "sharding")]
+    leaves = [x for x in jax.tree.leaves(nnx.state(session.model(teacher))) if hasattr(x, "sharding")]
     assert leaves and all(len(x.sharding.device_set) == 8 for x in leaves)
     assert any(not x.sharding.is_fully_replicated for x in leaves)  # fsdp actually splits parameters
-    del embed

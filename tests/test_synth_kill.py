@@ -28,7 +28,7 @@ def test_sigkill_mid_run_then_rerun_matches_uninterrupted(tmp_path, marker):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(json.dumps(CONFIG))
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "jdelta.cli", "pipeline", "--config", str(cfg), "--out", str(run)]
+    cmd = [sys.executable, "-m", "jdelta.cli", "pipeline", "--config", str(cfg), "--out", str(run), "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     while not (run / marker).exists():

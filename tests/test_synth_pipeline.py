@@ -142,6 +142,11 @@ def test_sharded_processes_match_single_process(ref, tmp_path):
     assert (run / "output" / "records.jsonl").read_bytes() == (run_ref / "output" / "records.jsonl").read_bytes()
     units = sorted((run / "round-00" / "score" / "units").glob("unit-*.counts.json"))
     assert len(units) == 4  # 60 seeds / 16 per unit, split over 2 processes
+    m = read_json(run / "manifest.json")
+    assert m["complete"] and m["committed"] and m["num_processes"] == 2
+    # One process alone later resumes the sharded run: everything is done, nothing is redone.
+    m = Pipeline(run, CONFIG, after_unit=lambda s, u: pytest.fail(f"redid {s} {u}")).run()
+    assert m["complete"] and m["stages"]["output"]["out"] == len(read_jsonl(run / "output" / "records.jsonl"))
 
 
 def test_changed_config_is_refused_naming_the_keys(ref):

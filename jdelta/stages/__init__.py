@@ -17,5 +17,5 @@ STAGES: dict[str, tuple[str, str]] = {
     "distill": ("jdelta.stages.distill", "on-policy distillation (reverse KL / GKD / VA-OPD) or SFT of a student, Orbax resume"),
     "synthesize": ("jdelta.stages.synthesize", "failure modes + targeted candidates (teacher-as-writer, steered generator) from a score run"),
     "pipeline": ("jdelta.stages.pipeline", "DeltaPrompts pipeline: seeds -> score -> failure modes -> synthesis -> screen, rounds, resumable"),
-    "demo": ("jdelta.demo", "end-to-end CPU demo on tiny random models: seeds, score, VA-OPD steps, re-score"),
+    "demo": ("jdelta.stages.demo", "end-to-end CPU demo on tiny random models: seeds, score, VA-OPD steps, re-score"),
 }

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 from jdelta.config import build, check, to_dict
-from jdelta.runs import RunDir, read_jsonl, write_atomic
+from jdelta.runs import RunDir, read_jsonl
 from jdelta.stages import distill as distill_stage
 from jdelta.stages import score as score_stage
 
@@ -137,7 +138,7 @@ def prepare(cfg: Config, run: RunDir) -> None:
     if not (tok_dir / "tokenizer.json").is_file():
         make_tokenizer(seeds, tok_dir, cfg.vocab_size)
     models = out / "models"
-    if not (models / "student" / "config.json").is_file():
+    if not (models / "student" / "RANDOM_WEIGHTS.txt").is_file():  # written last
         make_tiny_pair(models, load_tokenizer(tok_dir), seed=cfg.seed, teacher_layers=cfg.teacher_layers)
 
 
@@ -176,7 +177,7 @@ def run_demo(cfg: Config) -> dict[str, Any]:
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
     print(f"jdelta demo -> {cfg.out}\nNOTE: {RANDOM_NOTE}\n", flush=True)
-    with RunDir(cfg.out, "demo", config=to_dict(cfg), overwrite=cfg.overwrite, ignore=("progress", "overwrite")) as run:
+    with RunDir(cfg.out, "demo", config=to_dict(cfg), overwrite=cfg.overwrite, ignore=("out", "progress", "overwrite")) as run:
         out = run.path
         prepare(cfg, run)
         seconds["setup"] = time.perf_counter() - t0
@@ -194,7 +195,9 @@ def run_demo(cfg: Config) -> dict[str, Any]:
             if keep:
                 train_path = out / "distill-prompts" / "records.jsonl"
                 if not train_path.is_file():
-                    write_jsonl([r for r in read_records(out / "seeds" / "records.jsonl") if r.id in keep], train_path)
+                    tmp = train_path.with_name(".records.jsonl.tmp")
+                    write_jsonl([r for r in read_records(out / "seeds" / "records.jsonl") if r.id in keep], tmp)
+                    os.replace(tmp, train_path)
                 t2 = time.perf_counter()
                 distilled = distill_student(cfg, train_path)
                 seconds["distill"] = time.perf_counter() - t2

@@ -1,6 +1,6 @@
 """Failure modes: group scored prompts by what they ask and by how teacher and student differ.
 
-Input: the per-prompt entries of :mod:`jdelta.score` (``status``, ``family``, ``category``,
+Input: the per-prompt entries of :func:`jdelta.delta_scoring.delta_records` (``status``, ``family``, ``category``,
 ``answer_type``, ``classes`` with per-class teacher/student counts and ``correct`` flags,
 ``delta``, ``zero_delta``, ``teacher_majority_correct``, ``student_majority_correct``).
 

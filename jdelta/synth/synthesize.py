@@ -108,7 +108,12 @@ class SynthesisRun:
         progress: bool = False,
     ):
         self.dir = Path(run_dir)
-        self.cfg = narrow(config, self.CONFIG) if isinstance(config, SynthesisRunConfig) else build(self.CONFIG, config)
+        if isinstance(config, self.CONFIG):
+            self.cfg = narrow(config, self.CONFIG)
+        elif isinstance(config, Mapping):
+            self.cfg = build(self.CONFIG, config)
+        else:
+            raise TypeError(f"{type(self).__name__} needs a {self.CONFIG.__name__} or a mapping, got {type(config).__name__}")
         self.seed = int(self.cfg.seed)
         self.p, self.P, self.wait = int(process_index), int(num_processes), float(wait_seconds)
         self.after_unit = after_unit
