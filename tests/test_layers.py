@@ -159,3 +159,13 @@ def test_the_checker_catches_violations(tmp_path, monkeypatch):
     assert "__version__" not in text and "public" not in text and "_mine" not in text
     assert len(found) == 7, text
     assert violations("jdelta.stages.demo", pkg / "stages" / "demo.py") == []  # stages may compose stages
+
+
+def test_testing_module_needs_no_torch():
+    """jdelta.testing is imported by the demo, which must run without torch installed."""
+    import subprocess
+    import sys
+
+    code = "import sys, jdelta.testing, jdelta.stages.demo; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip() == "False"

@@ -138,6 +138,7 @@ def test_other_settings_are_refused_naming_the_key(setup, capsys):
     root, model_dir, prompts, *_ = setup
     _, out = run_stage(root, model_dir, prompts, "r", "--n", "1", "--limit", "1")
     before = (out / "samples.jsonl").read_bytes()
+    capsys.readouterr()
     assert main(args_for(model_dir, prompts, out, "--n", "2", "--limit", "1")) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "other settings: config.sampling.n (1 -> 2)" in err[0] and str(out) in err[0]

@@ -30,9 +30,14 @@ from jdelta.config import MeshConfig, ModelSpec, PromptConfig, SamplingConfig, c
 from jdelta.evaluation import METRIC_ALIASES
 
 
-def _eval_sampling() -> SamplingConfig:
-    # eval answers greedily by default; with n > 1, majority vote at a moderate temperature
-    return SamplingConfig(n=1, temperature=0.7)
+@dataclasses.dataclass(frozen=True)
+class EvalSamplingConfig(SamplingConfig):
+    """:class:`~jdelta.config.SamplingConfig` with eval's defaults: greedy (``n`` 1); with ``n`` > 1,
+    the majority of ``n`` samples at ``temperature`` 0.7. (Field defaults, not a default instance, so
+    that ``--batch-size 4`` alone keeps them.)"""
+
+    n: int = 1
+    temperature: float = 0.7
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +49,7 @@ class Config:
     out: str
     tokenizer: str | None = None  # default: the model's directory
     metric: Literal[tuple(METRIC_ALIASES)] = "auto"
-    sampling: SamplingConfig = dataclasses.field(default_factory=_eval_sampling)
+    sampling: EvalSamplingConfig = dataclasses.field(default_factory=EvalSamplingConfig)
     prompt: PromptConfig = dataclasses.field(default_factory=PromptConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     limit: int | None = None  # first N prompts of each benchmark
