@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -30,7 +30,7 @@ from jdelta import answers as ans
 from jdelta import completions
 from jdelta import divergence as dv
 from jdelta.benchmark_metrics import answer_metric_for, classing_type_for, references_of
-from jdelta.config import PromptConfig, SamplingConfig, build, check
+from jdelta.config import PromptConfig, SamplingConfig, check
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,19 +62,6 @@ class DeltaTestConfig:
         check(self.keep_completions >= 0, "keep_completions", f"must be >= 0, got {self.keep_completions}")
 
 
-def score_settings(flat: Mapping[str, Any]) -> tuple[SamplingConfig, PromptConfig, DeltaTestConfig]:
-    """A flat mapping of scoring settings (``n``, ``temperature``, ``max_pixels``, ``metric``, ...,
-    as a synthesis config's ``scorer.settings`` holds them) -> the three typed sections; an unknown
-    key raises :class:`jdelta.config.ConfigError` naming it."""
-    parts: dict[str, dict[str, Any]] = {"sampling": {}, "prompt": {}, "delta": {}}
-    owners = {f.name: name for name, cls in (("sampling", SamplingConfig), ("prompt", PromptConfig),
-                                              ("delta", DeltaTestConfig)) for f in dataclasses.fields(cls)}
-    for k, v in flat.items():
-        parts[owners.get(k, "delta")][k] = v  # unknown keys land in one section, which names them
-    return (build(SamplingConfig, parts["sampling"]), build(PromptConfig, parts["prompt"]),
-            build(DeltaTestConfig, parts["delta"]))
-
-
 def _f(x) -> float | None:
     x = float(x)
     return None if math.isnan(x) else x
@@ -87,7 +74,7 @@ def delta_records(
     student_texts: Sequence[Sequence[str]],
     *,
     key,
-    tests: DeltaTestConfig = DeltaTestConfig(),
+    tests: DeltaTestConfig | None = None,
     finish: tuple[Sequence[Sequence[str]], Sequence[Sequence[str]]] | None = None,
 ) -> list[dict]:
     """Classes, Δ under every metric, zero-delta flags and correctness for a group of prompts.
@@ -97,6 +84,7 @@ def delta_records(
     """
     import jax
 
+    tests = tests or DeltaTestConfig()
     p = len(records)
     if not p:
         return []
@@ -199,14 +187,15 @@ class Scorer:
     the :class:`~jdelta.models.loading.ModelSession` whose samplers are used (a fresh one when None).
     """
 
-    def __init__(self, teacher, student, tokenizer, *, sampling: SamplingConfig = SamplingConfig(),
-                 prompt: PromptConfig = PromptConfig(), tests: DeltaTestConfig = DeltaTestConfig(), session=None):
+    def __init__(self, teacher, student, tokenizer, *, sampling: SamplingConfig | None = None,
+                 prompt: PromptConfig | None = None, tests: DeltaTestConfig | None = None, session=None):
         from jdelta.data.tokenizer import SpecialTokens
         from jdelta.models.loading import ModelSession, check_pair, pipeline_config_for
 
         check_pair(teacher.config, student.config)
         self.teacher, self.student, self.tokenizer = teacher, student, tokenizer
-        self.sampling, self.prompt, self.tests = sampling, prompt, tests
+        sampling, prompt = sampling or SamplingConfig(), prompt or PromptConfig()
+        self.sampling, self.prompt, self.tests = sampling, prompt, tests or DeltaTestConfig()
         self.session = session if session is not None else ModelSession()
         self.pipeline_config = pipeline_config_for(teacher.config, prompt, batch_size=sampling.batch_size)
         self.special = special = SpecialTokens.from_tokenizer(tokenizer)
@@ -257,9 +246,9 @@ def score_prompts(
     records: Sequence[Any],
     *,
     tokenizer,
-    sampling: SamplingConfig = SamplingConfig(),
-    prompt: PromptConfig = PromptConfig(),
-    tests: DeltaTestConfig = DeltaTestConfig(),
+    sampling: SamplingConfig | None = None,
+    prompt: PromptConfig | None = None,
+    tests: DeltaTestConfig | None = None,
     seed: int | None = None,
     session=None,
     progress: bool = False,
@@ -272,7 +261,7 @@ def score_prompts(
       records: :class:`~jdelta.data.records.PromptRecord` list (or a records source).
       tokenizer: a loaded tokenizer or a directory holding one.
       sampling, prompt, tests: the settings (:class:`~jdelta.config.SamplingConfig`,
-        :class:`~jdelta.config.PromptConfig`, :class:`DeltaTestConfig`).
+        :class:`~jdelta.config.PromptConfig`, :class:`DeltaTestConfig`; None: their defaults).
       seed: overrides ``sampling.seed``.
       session: a :class:`~jdelta.models.loading.ModelSession` (its mesh places the models; its
         samplers are reused across calls); None: a fresh one on one device.
@@ -287,6 +276,7 @@ def score_prompts(
     from jdelta.models.loading import ModelSession
 
     session = session if session is not None else ModelSession()
+    sampling = sampling or SamplingConfig()
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(tokenizer)
     if not hasattr(teacher, "config"):
@@ -302,4 +292,4 @@ def score_prompts(
             bar.close()
 
 
-__all__ = ["DeltaTestConfig", "Scorer", "delta_records", "score_prompts", "score_settings", "skip_entry"]
+__all__ = ["DeltaTestConfig", "Scorer", "delta_records", "score_prompts", "skip_entry"]

@@ -8,7 +8,7 @@ import pytest
 from distill_tiny import TinyLM, ce_loss, make_batch
 from flax import nnx
 
-from jdelta.checkpoint import Checkpointer
+from jdelta.checkpoint import CheckpointMismatchError, Checkpointer
 from jdelta.distill.loop import NonFiniteLossError, StepInput, run_loop
 from jdelta.distill.metrics import MetricsLogger, read_metrics
 from jdelta.distill.step import make_train_step
@@ -95,6 +95,66 @@ def test_sigterm_saves_and_resume_matches(tmp_path, reference):
     r = run_loop(state, step, produce, num_steps=20, checkpointer=ckpt, data_iter=it, progress=False)
     assert not r.preempted and r.steps_run == 13
     _assert_bitwise(r.state, reference)
+    ckpt.close()
+
+
+def test_resume_after_a_kill_logs_every_step_once(tmp_path, reference):
+    """A kill after step 5 (checkpoints at 2 and 4, the one at 4 cut short mid-write, a metrics row
+    cut short mid-line): the rerun resumes from 2, drops the rows after it, and matches the reference."""
+    state, step, it, produce = _fresh()
+
+    def produce_then_die(state, i):
+        if i == 5:
+            raise KeyboardInterrupt  # the process dies here (steps 1..5 logged)
+        return produce(state, i)
+
+    ckpt = Checkpointer(tmp_path / "ckpt", save_every=2, keep=3, async_save=False)
+    with MetricsLogger(tmp_path / "run") as logger, pytest.raises(KeyboardInterrupt):
+        run_loop(state, step, produce_then_die, num_steps=20, checkpointer=ckpt, data_iter=it, logger=logger,
+                 progress=False)
+    ckpt.close()
+    # what a kill during the step-4 save leaves: Orbax's temporary directory, never renamed into place
+    (tmp_path / "ckpt" / "4").rename(tmp_path / "ckpt" / "4.orbax-checkpoint-tmp-1700000000")
+    with (tmp_path / "run" / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 6, "loss": 0.')
+    assert [r["step"] for r in _complete_rows(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+    state, step, it, produce = _fresh()
+    ckpt = Checkpointer(tmp_path / "ckpt", save_every=2, keep=3, async_save=False)
+    with MetricsLogger(tmp_path / "run") as logger:
+        r = run_loop(state, step, produce, num_steps=20, checkpointer=ckpt, data_iter=it, logger=logger,
+                     progress=False)
+    ckpt.close()
+    assert r.steps_run == 18
+    assert [row["step"] for row in read_metrics(tmp_path / "run" / "metrics.jsonl")] == list(range(1, 21))
+    _assert_bitwise(r.state, reference)
+
+
+def _complete_rows(path):
+    """The complete JSON rows of a metrics file (a partial last line skipped)."""
+    import json
+
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return rows
+
+
+def test_restoring_another_models_checkpoint_is_one_clear_error(tmp_path):
+    state = TrainState.create(TinyLM(rngs=nnx.Rngs(0)), make_optimizer(CFG))
+    ckpt = Checkpointer(tmp_path / "ckpt", save_every=1, async_save=False)
+    ckpt.save(1, state, force=True)
+    ckpt.close()
+    other = TrainState.create(TinyLM(embed=24, rngs=nnx.Rngs(0)), make_optimizer(CFG))
+    ckpt = Checkpointer(tmp_path / "ckpt", save_every=1, async_save=False)
+    with pytest.raises(CheckpointMismatchError) as e:
+        ckpt.restore(other)
+    msg = str(e.value)
+    assert "\n" not in msg and f"checkpoint {tmp_path / 'ckpt' / '1'} holds another model's arrays" in msg
+    assert "params.embed.value: (32, 16) in the checkpoint, (32, 24) now" in msg
+    assert int(ckpt.restore(state)[0].step) == 0  # the right template still restores
     ckpt.close()
 
 

@@ -85,7 +85,7 @@ class PromptRecord:
             raise RecordError(where, f"answer_type {self.answer_type!r} is not one of {ANSWER_TYPES}")
         if self.answer is not None and not isinstance(self.answer, str):
             raise RecordError(where, f"answer must be a string, got {type(self.answer).__name__}", "invalid_answer")
-        if "answers" in self.meta:
+        if "answers" in (self.meta or {}):
             answers = self.meta["answers"]
             if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
                 raise RecordError(where, f"meta.answers must be a non-empty list of strings, got {answers!r:.80}",
@@ -102,7 +102,7 @@ class PromptRecord:
         """Every accepted reference answer, ``answer`` first (``meta["answers"]`` holds the rest), or None."""
         if self.answer is None:
             return None
-        extra = self.meta.get("answers") or []
+        extra = (self.meta or {}).get("answers") or []
         return [self.answer] + [a for a in extra if a != self.answer]
 
     def image_name(self, index: int) -> str:
