@@ -157,7 +157,7 @@ def test_raise_switch_names_the_record(data):
             pass
     with pytest.raises(ValueError, match="on_error"):
         PipelineConfig(on_error="ignore")
-    with pytest.raises(ValueError, match=r"unknown pipeline config keys \['batchsize'\]"):
+    with pytest.raises(ValueError, match=r"unknown config key 'batchsize'; did you mean 'batch_size'\?"):
         config_from_dict({"batchsize": 4})
     cfg = config_from_dict({"batch_size": 4, "seq_buckets": [64, 128], "image": {"max_pixels": 4096}})
     assert cfg.seq_buckets == (64, 128) and cfg.image.max_pixels == 4096 and cfg.image.patch_dim == 1536

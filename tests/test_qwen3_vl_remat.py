@@ -8,6 +8,7 @@ from flax import nnx
 from qwen3_vl_tiny import make_batch, tiny_hf_config
 
 from jdelta.models.qwen3_vl import Qwen3VLConfig, Qwen3VLForConditionalGeneration, get_rope_index
+from jdelta.models.qwen3_vl.config import REMAT_POLICIES
 
 
 def _loss_fn(graphdef):
@@ -34,22 +35,29 @@ def _graphdef(config):
     return nnx.graphdef(nnx.eval_shape(lambda: Qwen3VLForConditionalGeneration(config, rngs=nnx.Rngs(0))))
 
 
-@pytest.mark.parametrize("policy", ["dots_with_no_batch_dims"])
-def test_remat_gives_same_loss_and_gradients(policy):
-    # text only: remat wraps the decoder layers; the vision tower is not involved
-    config, params, inputs = _setup([[12], [9]])
-    plain, remat = _loss_fn(_graphdef(config)), _loss_fn(_graphdef(config.replace(remat_policy=policy)))
+@pytest.fixture(scope="module")
+def reference():
+    """No remat: loss and gradients on a text row and a row with an image (DeepStack feeds the decoder)."""
+    config, params, inputs = _setup([[12], [3, (1, 2, 2), 5]])
+    loss, grads = jax.jit(_loss_fn(_graphdef(config)))(params, *inputs)
+    assert np.isfinite(float(loss))
+    assert "remat" not in str(jax.make_jaxpr(_loss_fn(_graphdef(config)))(params, *inputs))
+    return config, params, inputs, float(loss), grads
+
+
+@pytest.mark.parametrize("policy", [p for p in REMAT_POLICIES if p != "none"])
+def test_remat_gives_same_loss_and_gradients(policy, reference):
+    """Every remat policy (``dots``: the one in the MFU figure) changes memory, not the loss or its gradient."""
+    config, params, inputs, loss, grads = reference
+    remat = _loss_fn(_graphdef(config.replace(remat_policy=policy)))
     remat_jaxpr = str(jax.make_jaxpr(remat)(params, *inputs))
-    plain_jaxpr = str(jax.make_jaxpr(plain)(params, *inputs))
     assert remat_jaxpr.count("remat") + remat_jaxpr.count("checkpoint") >= config.text.num_hidden_layers
-    assert "remat" not in plain_jaxpr and "checkpoint" not in plain_jaxpr
-    loss, grads = jax.jit(plain)(params, *inputs)
     loss_r, grads_r = jax.jit(remat)(params, *inputs)
-    assert np.isfinite(float(loss)) and abs(float(loss) - float(loss_r)) < 1e-6
+    assert abs(float(loss_r) - loss) <= 1e-6 * max(1.0, abs(loss))
     flat, flat_r = jax.tree.leaves(grads), jax.tree.leaves(grads_r)
-    assert sum(float(jnp.abs(g).sum()) for g in flat) > 0
+    assert len(flat) == len(flat_r) and sum(float(jnp.abs(g).sum()) for g in flat) > 0
     for g, gr in zip(flat, flat_r, strict=True):
-        np.testing.assert_allclose(np.asarray(gr), np.asarray(g), atol=1e-6)
+        np.testing.assert_allclose(np.asarray(gr), np.asarray(g), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -37,13 +37,13 @@ import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 import grain
 import numpy as np
 
 from jdelta.buckets import bucket
-from jdelta.config import build
+from jdelta.config import build, check
 from jdelta.data.chat import build_prompt
 from jdelta.data.image_processor import (
     ImageConfig,
@@ -78,23 +78,20 @@ class PipelineConfig:
     with_hint: bool = False  # also emit the teacher prompt carrying the record's cue hint
     with_pixelated: bool = False  # also emit VA-OPD's pixelated view of every image
     max_question_chars: int = 8192
-    on_error: str = "skip"  # "skip": count by reason and go on; "raise": stop at the first bad record
+    on_error: Literal["skip", "raise"] = "skip"  # "skip": count by reason and go on; "raise": stop at the first bad record
     drop_remainder: bool = False  # else the short final batch is padded to batch_size rows
     num_epochs: int | None = 1  # None: repeat forever
     worker_count: int = 0  # grain worker processes for decode/process/tokenise (0: in-process)
     worker_buffer_size: int = 2
 
     def __post_init__(self):
-        if self.on_error not in ("skip", "raise"):
-            raise ValueError(f"on_error must be 'skip' or 'raise', got {self.on_error!r}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        check(self.on_error in ("skip", "raise"), "on_error", f"must be 'skip' or 'raise', got {self.on_error!r}")
+        check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         for name in ("seq_buckets", "patch_buckets", "image_buckets"):
             b = getattr(self, name)
-            if not b or list(b) != sorted(set(b)) or b[0] < 1:
-                raise ValueError(f"{name} must be increasing positive integers, got {b!r}")
-        if self.worker_count < 0:
-            raise ValueError(f"worker_count must be >= 0, got {self.worker_count}")
+            check(bool(b) and list(b) == sorted(set(b)) and b[0] >= 1, name,
+                  f"must be increasing positive integers, got {b!r}")
+        check(self.worker_count >= 0, "worker_count", f"must be >= 0, got {self.worker_count}")
 
 
 @dataclass

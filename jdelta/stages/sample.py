@@ -111,8 +111,8 @@ def run(cfg: Config) -> int:
             stale.unlink()
         if run.resumed and run.previous.get("complete") and run.file(SAMPLES).is_file():
             c = run.previous.get("counts", {})
-            run.update(**{k: v for k, v in run.previous.items() if k in ("counts", "skipped", "seconds", "compiles")},
-                       complete=True)
+            kept = ("counts", "skipped", "seconds", "compiles", "stop_token_ids")
+            run.update(**{k: v for k, v in run.previous.items() if k in kept}, complete=True)
             print(f"sample: {run.path} is complete ({c.get('samples')} samples); nothing to do", file=sys.stderr)
             return 0
         session = ModelSession(cfg.mesh.make())

@@ -82,6 +82,8 @@ class Qwen3VLForConditionalGeneration(nnx.Module):
         else:
             self.lm_head = Dense(config.text.hidden_size, config.text.vocab_size, names=("embed", "vocab"),
                                  dtype=dtype, param_dtype=pdtype, rngs=rngs)
+        # ViCuR's cue-recovery module (jdelta.models.cue_recovery.attach_cue_recovery), or None.
+        self.cue_recovery = None
 
     # ------------------------------------------------------------------ helpers
     def lm_head_weight(self) -> jax.Array:
@@ -117,7 +119,9 @@ class Qwen3VLForConditionalGeneration(nnx.Module):
           return_logits: False skips the LM head (``logits=None``; use ``hidden_states`` with
             ``lm_head_weight()`` for chunked losses).
           layer_hook: ``hook(i, hidden [B,S,H], visual_mask [B,S], attention_mask [B,S]) -> hidden``
-            called after decoder layer ``i`` (e.g. ViCuR's cue-recovery module).
+            called after decoder layer ``i``. None: the attached cue-recovery module's hook, if
+            any, on prefill/training calls (no cache, or more than one token); decode steps
+            (one token with a cache) never run it.
         Returns:
           ``Qwen3VLOutput(logits [B,S,V] | None, hidden_states [B,S,H], cache | None, rope_deltas [B])``.
         """
@@ -171,6 +175,8 @@ class Qwen3VLForConditionalGeneration(nnx.Module):
         diagonal = slots_k[None, :] == slots_q[:, None]  # padded queries attend to themselves: no NaN rows
         mask = (causal[None] & (key_valid[:, None, :] | diagonal[None]))[:, None]  # [B, 1, S, L]
 
+        if layer_hook is None and self.cue_recovery is not None and (cache is None or s > 1):
+            layer_hook = self.cue_recovery.layer_hook(input_ids, attention_mask)
         hidden, new_kv = self.language_model(x, cos, sin, mask, cache_kv=cache_kv, index=index,
                                              visual_mask=visual_mask, deepstack=deepstack,
                                              attention_mask=attention_mask, layer_hook=layer_hook)
