@@ -61,20 +61,20 @@ def _type_name(tp: Any) -> str:
 
 
 def _defaults(cls: type, prefix: str = "") -> dict[str, Any]:
-    """Dotted path -> default value (only fields that have one)."""
-    from jdelta.config import to_dict
+    """Dotted path -> default value (only fields that have one; a section without a default
+    shows its class's own defaults)."""
+    from jdelta.config import dataclass_of, field_default, flatten, to_dict
 
     out: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
-            value = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            value = f.default_factory()
-        else:
+        value = field_default(f)
+        if value is dataclasses.MISSING:
+            sub = dataclass_of(hints[f.name])
+            if sub is not None:
+                out.update(_defaults(sub, f"{prefix}{f.name}."))
             continue
         if dataclasses.is_dataclass(value):
-            from jdelta.config import flatten
-
             out.update({f"{prefix}{f.name}.{k}": v for k, v in flatten(to_dict(value)).items()})
         else:
             out[f"{prefix}{f.name}"] = to_dict(value) if isinstance(value, (tuple, list, dict)) else value

@@ -250,12 +250,37 @@ def build(cls: type[T], mapping: Mapping[str, Any], source: str | None = None) -
     from pydantic import TypeAdapter, ValidationError
 
     _prepare(cls)
-    mapping = _path_shorthand(cls, dict(mapping))
+    mapping = _section_defaults(cls, _path_shorthand(cls, dict(mapping)))
     _reject_bool_numbers(cls, mapping, "", source)
     try:
         return TypeAdapter(cls).validate_python(mapping)
     except ValidationError as e:
         raise ConfigError(_describe(cls, e.errors()[0], source)) from None
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    """A field's default value (calling its factory), or ``dataclasses.MISSING``."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _section_defaults(cls: type, mapping: dict[str, Any]) -> dict[str, Any]:
+    """Fill a section given in part from its field's default *instance* (``sampling: {n: 4}`` keeps a
+    stage's ``SamplingConfig(max_new_tokens=16)`` default for the other keys), recursively."""
+    hints = typing.get_type_hints(cls)
+    out = dict(mapping)
+    for f in dataclasses.fields(cls):
+        sub = dataclass_of(hints.get(f.name))
+        given = out.get(f.name)
+        if sub is None or not isinstance(given, Mapping):
+            continue
+        default = field_default(f)
+        base = to_dict(default) if dataclasses.is_dataclass(default) else {}
+        out[f.name] = _section_defaults(sub, merge(base, given))
+    return out
 
 
 def _reject_bool_numbers(cls: type, mapping: Mapping[str, Any], prefix: str, source: str | None) -> None:

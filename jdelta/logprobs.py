@@ -253,9 +253,9 @@ def score_completions(
 
         host = {k: put(v, names[k]) for k, v in host.items()}
         comp, cmask = put(comp, ("batch", "seq")), put(cmask, ("batch", "seq"))
-    from jdelta.sampling import _vocab_size
+    from jdelta.sampling import config_vocab_size
 
-    vocab = _vocab_size(model)
+    vocab = config_vocab_size(model)
     fn = functools.partial(_score_jit, chunk_size=int(chunk_size), top_k=int(top_k),
                            temperature=float(temperature), return_logsumexp=bool(return_logsumexp),
                            vocab_size=vocab)

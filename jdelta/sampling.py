@@ -332,7 +332,8 @@ def _config_attr(model: nnx.Module, name: str) -> int | None:
     return None
 
 
-def _vocab_size(model: nnx.Module) -> int | None:
+def config_vocab_size(model: nnx.Module) -> int | None:
+    """The vocabulary size of the model's config (the tokenizer's real ids), or None if it has none."""
     return _config_attr(model, "vocab_size")
 
 
@@ -518,7 +519,7 @@ class Sampler:
         self.image_buckets = tuple(image_buckets)
         self.batch_buckets = None if batch_buckets is None else tuple(batch_buckets)
         self.pad_id = int(pad_id)
-        self.vocab_size = _vocab_size(model)
+        self.vocab_size = config_vocab_size(model)
         self._shapes_seen: set[tuple] = set()
         self.compile_seconds = 0.0
         self._prefill = jax.jit(

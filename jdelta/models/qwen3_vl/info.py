@@ -14,6 +14,7 @@ from pathlib import Path
 
 from flax import nnx
 
+from jdelta.models.cue_recovery import CueRecoveryConfig, attach_cue_recovery
 from jdelta.models.qwen3_vl.config import Qwen3VLConfig
 from jdelta.models.qwen3_vl.weights import abstract_model
 
@@ -41,17 +42,25 @@ def resolve_config(model: str) -> Path:
     return path
 
 
-def parameter_counts(config: Qwen3VLConfig) -> dict[str, int]:
+def parameter_counts(config: Qwen3VLConfig, cue_recovery: CueRecoveryConfig | None = None) -> dict[str, int]:
     """Parameter counts by group, from the abstract model.
 
     Groups: ``vision`` (the whole vision tower incl. mergers), ``text`` (decoder layers and
-    final norm), ``embeddings`` (token embedding, plus the LM head when untied), ``total``.
+    final norm), ``embeddings`` (token embedding, plus the LM head when untied), ``total``; with
+    ``cue_recovery`` settings also ``cue_recovery`` (ViCuR's module, counted in ``total``; see
+    :mod:`jdelta.models.cue_recovery` for how it compares with the paper's +100.7M / +536.9M).
     """
-    _, state = nnx.split(abstract_model(config))
+    model = abstract_model(config)
     counts = {"vision": 0, "text": 0, "embeddings": 0}
+    if cue_recovery is not None:
+        model = nnx.eval_shape(lambda: attach_cue_recovery(abstract_model(config), cue_recovery))
+        counts["cue_recovery"] = 0
+    _, state = nnx.split(model)
     for path, var in nnx.to_flat_state(state):
         n = math.prod(var.get_value().shape)
-        if path[0] == "visual":
+        if path[0] == "cue_recovery":
+            counts["cue_recovery"] += n
+        elif path[0] == "visual":
             counts["vision"] += n
         elif path[0] == "lm_head" or path[-1] == "embed_tokens":
             counts["embeddings"] += n
