@@ -8,7 +8,7 @@ import pytest
 from distill_tiny import TinyLM, ce_loss, make_batch
 from flax import nnx
 
-from jdelta.checkpoint import CheckpointMismatchError, Checkpointer
+from jdelta.checkpoint import Checkpointer, CheckpointMismatchError
 from jdelta.distill.loop import NonFiniteLossError, StepInput, run_loop
 from jdelta.distill.metrics import MetricsLogger, read_metrics
 from jdelta.distill.step import make_train_step

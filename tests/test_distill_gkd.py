@@ -8,8 +8,8 @@ from distill_pair import STUDENT_CFG, TEACHER_CFG
 
 from jdelta.distill.on_policy import DistillConfig, OnPolicyDistiller, make_distill_loss
 from jdelta.distill.synthetic import random_prompts
-from jdelta.testing import random_model
 from jdelta.distill.train_state import OptimizerConfig, TrainState, make_optimizer
+from jdelta.testing import random_model
 
 
 def test_gkd_off_policy_teacher_samples_and_beta_limit():

@@ -8,9 +8,9 @@ from distill_pair import STUDENT_CFG, TEACHER_CFG
 from jdelta.distill.on_policy import DistillConfig, OnPolicyDistiller, make_distill_loss
 from jdelta.distill.step import jit_train_step, make_train_step, shard_batch, shard_state
 from jdelta.distill.synthetic import random_prompts
-from jdelta.testing import random_model
 from jdelta.distill.train_state import OptimizerConfig, TrainState, make_optimizer
 from jdelta.sharding import make_mesh
+from jdelta.testing import random_model
 
 
 def test_sharded_distill_step_matches_single_device():

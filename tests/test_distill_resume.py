@@ -56,3 +56,27 @@ def test_resume_equals_uninterrupted(mode, source, request, tmp_path):
     assert [r["loss"] for r in rows] == [r["loss"] for r in ref]
     if mode == "gkd":
         assert {r["rollout/off_policy"] for r in ref} == {0.0, 1.0}, "both kinds of step were exercised"
+
+
+def test_synthetic_stream_position_is_checkpointed():
+    """The synthetic source's state is its position: a fresh iterator set to it continues the stream."""
+    from distill_pair import STUDENT_CFG
+
+    from jdelta.distill.synthetic import SyntheticPromptIterator, random_prompts
+
+    it = SyntheticPromptIterator(STUDENT_CFG, batch=2, seed=5)
+    for _ in range(3):
+        next(it)
+    state = it.get_state()
+    assert state == {"batches_drawn": 3}
+    again = SyntheticPromptIterator(STUDENT_CFG, batch=2, seed=5)
+    again.set_state(state)
+    expected = random_prompts(STUDENT_CFG, batch=2, seed=5)
+    for _ in range(3):
+        next(expected)
+    for _ in range(2):
+        a, b, c = next(again), next(it), next(expected)
+        for key in c:
+            np.testing.assert_array_equal(a[key], c[key])
+            np.testing.assert_array_equal(b[key], c[key])
+    assert again.get_state() == {"batches_drawn": 5}

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from distill_pair import STUDENT_CFG, TEACHER_CFG
 
+from jdelta.distill.batch import cut_at_special, special_ids
 from jdelta.distill.loop import run_loop
-from jdelta.distill.on_policy import cut_at_special, special_ids
 from jdelta.distill.sft import (
     SFTConfig,
     SFTProducer,
@@ -18,9 +18,9 @@ from jdelta.distill.sft import (
 )
 from jdelta.distill.step import make_train_step
 from jdelta.distill.synthetic import random_prompts
-from jdelta.testing import random_model
 from jdelta.distill.train_state import OptimizerConfig, TrainState, make_optimizer
 from jdelta.sampling import SamplingParams, generate
+from jdelta.testing import random_model
 
 
 def test_chunked_nll_matches_direct_value_and_grad():

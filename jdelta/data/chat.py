@@ -15,6 +15,7 @@ import numpy as np
 from jdelta.data.tokenizer import SpecialTokens
 
 HINT_PREFIX = "[Hint]: "
+ANSWER_PREFIX = "[Answer]: "  # answer-privileged self-distillation (ViCuR's baseline); wording not published
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,11 @@ def with_hint(question: str, hint: str | None) -> str:
     if not hint.startswith(HINT_PREFIX.strip()):
         hint = HINT_PREFIX + hint
     return f"{question}\n{hint}"
+
+
+def with_answer(question: str, answer: str) -> str:
+    """The answer-privileged teacher prompt: the question followed by an ``[Answer]: ...`` line."""
+    return f"{question}\n{ANSWER_PREFIX}{answer.strip()}"
 
 
 def chat_messages(

@@ -15,8 +15,11 @@ compile a handful of programs:
 - ``records`` ``[B]`` object array: each row's :class:`~jdelta.data.records.PromptRecord` as parsed by
   the pipeline, images dropped (None on padding rows), so no consumer parses a record twice
 - optional ``teacher_input_ids`` / ``teacher_attention_mask`` / ``teacher_mm_token_type_ids``
-  (the prompt with the record's ``[Hint]`` cue, ViCuR; records without a hint get the plain prompt)
-  and ``pixel_values_pixelated`` (VA-OPD's detail-removed view, same shape as ``pixel_values``).
+  (``with_hint``: ViCuR's privileged teacher prompt, the question followed by the record's
+  ``[Hint]: ...`` cue, or by ``[Answer]: ...`` its reference answer with ``privileged="answer"``;
+  the student prompt never carries either; a record without one is left out as ``missing_hint`` /
+  ``missing_answer``, by ``on_error``) and ``pixel_values_pixelated`` (VA-OPD's detail-removed
+  view, same shape as ``pixel_values``).
 
 Records that fail (unreadable, bad image, empty or over-long question, prompt longer than the
 largest bucket) are counted by reason in a :class:`SkipReport` kept in the iterator's state,
@@ -44,7 +47,7 @@ import numpy as np
 
 from jdelta.buckets import bucket
 from jdelta.config import build, check
-from jdelta.data.chat import build_prompt
+from jdelta.data.chat import build_prompt, with_answer
 from jdelta.data.image_processor import (
     ImageConfig,
     ImageError,
@@ -75,7 +78,8 @@ class PipelineConfig:
     image: ImageConfig = field(default_factory=ImageConfig)
     system: str | None = None
     enable_thinking: bool | None = None
-    with_hint: bool = False  # also emit the teacher prompt carrying the record's cue hint
+    with_hint: bool = False  # also emit the privileged teacher prompt (ViCuR; see the module docstring)
+    privileged: Literal["hint", "answer"] = "hint"  # what that prompt adds: the record's cue hint or its answer
     with_pixelated: bool = False  # also emit VA-OPD's pixelated view of every image
     max_question_chars: int = 8192
     on_error: Literal["skip", "raise"] = "skip"  # "skip": count by reason and go on; "raise": stop at the first bad record
@@ -86,6 +90,8 @@ class PipelineConfig:
 
     def __post_init__(self):
         check(self.on_error in ("skip", "raise"), "on_error", f"must be 'skip' or 'raise', got {self.on_error!r}")
+        check(self.privileged in ("hint", "answer"), "privileged",
+              f"must be 'hint' or 'answer', got {self.privileged!r}")
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         for name in ("seq_buckets", "patch_buckets", "image_buckets"):
             b = getattr(self, name)
@@ -227,10 +233,18 @@ class ProcessRecord:
             "record": replace(rec, images=[]),  # parsed once; the pixels travel separately
         }
         if cfg.with_hint:
-            hint = rec.cues.hint if rec.cues is not None and rec.cues.hint else None
+            if cfg.privileged == "answer":
+                hint, question = None, with_answer(rec.question, rec.answer) if rec.answer else None
+            else:
+                hint = rec.cues.hint.strip() if rec.cues is not None and rec.cues.hint.strip() else None
+                question = rec.question if hint else None
+            if question is None:
+                what = "reference answer" if cfg.privileged == "answer" else "cue hint (cues.hint)"
+                return self._fail(where, f"missing_{cfg.privileged}",
+                                  f"no {what} for the privileged teacher prompt (with_hint)", index, rec.id)
             teacher = build_prompt(
                 self.tokenizer,
-                rec.question,
+                question,
                 grid_list,
                 system=cfg.system,
                 merge_size=cfg.image.merge_size,

@@ -148,7 +148,7 @@ def run_loop(
                 log.warning("preempted: saved step %d and stopping", step)
                 break
             save(force=step == num_steps)
+        if checkpointer is not None:  # still under the guard: a SIGTERM now lets the last save finish
+            checkpointer.wait()
     bar.close()
-    if checkpointer is not None:
-        checkpointer.wait()
     return LoopResult(state, int(state.step) - start, preempted, last, totals)

@@ -28,7 +28,7 @@ class MetricsLogger:
 
     Non-finite values are written as JSON ``null`` (and skipped in TensorBoard). A resumed run
     calls :meth:`truncate` with the restored step first, so the steps a killed run logged after
-    its last checkpoint are not logged twice.
+    its last checkpoint are not logged twice (in TensorBoard they are purged the same way).
     """
 
     def __init__(self, run_dir: str | Path, *, tensorboard: bool = True, filename: str = "metrics.jsonl"):
@@ -76,6 +76,11 @@ class MetricsLogger:
             with open_atomic(self.path) as f:
                 f.write("".join(kept))
         self._file = self.path.open("a")
+        if self._tb is not None:  # TensorBoard hides the older events at steps > step
+            from tensorboardX import SummaryWriter
+
+            self._tb.close()
+            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=step + 1)
         return len(kept)
 
     def close(self) -> None:

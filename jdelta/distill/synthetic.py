@@ -17,7 +17,6 @@ import numpy as np
 from flax import nnx
 
 from jdelta.models.qwen3_vl import Qwen3VLConfig
-from jdelta.testing import random_model, tiny_config  # noqa: F401 (re-exported: the tiny pair of smoke tests)
 
 
 def pixelate_patches(pixel_values: np.ndarray, grid_thw: np.ndarray) -> np.ndarray:

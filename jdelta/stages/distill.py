@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
 
-from pydantic import AliasChoices, Field
+from pydantic import BeforeValidator
 
 from jdelta.config import MeshConfig, check, to_dict
 from jdelta.distill.on_policy import DistillConfig
@@ -60,11 +60,19 @@ class CheckpointConfig:
 
     save_every: int = 100
     keep: int = 3
-    async_save: Annotated[bool, Field(validation_alias=AliasChoices("async_save", "async"))] = True
+    async_save: bool = True
 
     def __post_init__(self):
         check(self.save_every >= 1, "save_every", f"must be >= 1, got {self.save_every}")
         check(self.keep >= 1, "keep", f"must be >= 1, got {self.keep}")
+
+
+def _async_alias(section: Any) -> Any:
+    """``checkpoint.async`` (the YAML key before ``async`` became a keyword clash) -> ``async_save``."""
+    if isinstance(section, dict) and "async" in section:
+        section = {**section, "async_save": section["async"]}
+        del section["async"]
+    return section
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +96,8 @@ class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
-    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    checkpoint: Annotated[CheckpointConfig, BeforeValidator(_async_alias)] = dataclasses.field(
+        default_factory=CheckpointConfig)
     distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
     sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
     export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
