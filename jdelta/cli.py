@@ -69,9 +69,9 @@ def _defaults(cls: type, prefix: str = "") -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         value = field_default(f)
-        if value is dataclasses.MISSING:
-            sub = dataclass_of(hints[f.name])
-            if sub is not None:
+        sub = dataclass_of(hints[f.name])
+        if value is dataclasses.MISSING or (value is None and sub is not None):
+            if sub is not None:  # a section with no default instance: its class's own defaults
                 out.update(_defaults(sub, f"{prefix}{f.name}."))
             continue
         if dataclasses.is_dataclass(value):
@@ -194,12 +194,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\njdelta: unknown stage {name!r}", file=sys.stderr)
         return 2
     module = importlib.import_module(STAGES[name][0])
-    if not hasattr(module, "Config"):  # TRANSITION: stages not yet ported keep their argparse flags
-        import argparse
-
-        parser = argparse.ArgumentParser(prog=f"jdelta {name}", description=STAGES[name][1])
-        module.add_arguments(parser)
-        return int(module.run(parser.parse_args(argv[1:])) or 0)
     if any(a in ("-h", "--help") for a in argv[1:]):
         print(stage_help(name, module))
         return 0

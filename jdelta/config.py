@@ -493,6 +493,3 @@ __all__ = [
     "set_dotted",
     "to_dict",
 ]
-
-# TRANSITION: the untyped loader under its old name, until every stage builds its typed Config.
-load_config = load_mapping

@@ -146,10 +146,23 @@ class RunDir:
 
     ``config`` and ``inputs`` are compared with a previous manifest's (same stage required);
     ``ignore``: dotted config keys that may change between runs (progress bars, step limits).
+
+    Several processes may share one run directory (``num_processes > 1``, process
+    ``process_index``): each takes a *shared* lock on ``.lock`` (so a single-process run and a
+    shared one refuse each other) and an exclusive one on ``.lock-process-<i>`` (two processes with
+    one index are refused). Then nothing is cleared (siblings may be writing): ``overwrite`` is
+    refused, a previous run with other settings is refused once it committed or left files, and
+    ``committed`` stays true once any process set it.
     """
 
     def __init__(self, path: str | os.PathLike, stage: str, *, config: Mapping[str, Any],
-                 inputs: Mapping[str, Any] | None = None, overwrite: bool = False, ignore: Iterable[str] = ()):
+                 inputs: Mapping[str, Any] | None = None, overwrite: bool = False, ignore: Iterable[str] = (),
+                 process_index: int = 0, num_processes: int = 1):
+        if not 0 <= process_index < num_processes:
+            raise RunDirError(f"process index {process_index} not in [0, {num_processes})")
+        if overwrite and num_processes > 1:
+            raise RunDirError("overwrite needs num_processes=1: it discards files that the other processes are writing")
+        self.process_index, self.num_processes = int(process_index), int(num_processes)
         self.path = Path(path)
         self.stage = stage
         self.config = dict(config)
@@ -159,7 +172,7 @@ class RunDir:
         self.manifest: dict[str, Any] = {}
         self.previous: dict[str, Any] = {}  # the manifest of the run this one resumes ({} when fresh)
         self.resumed = False
-        self._lock_fd: int | None = None
+        self._lock_fds: list[int] = []
 
     # -- lifecycle
 
@@ -174,8 +187,8 @@ class RunDir:
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"{self.path} exists and is not a directory")
         self.path.mkdir(parents=True, exist_ok=True)
-        self._lock()
         try:
+            self._lock()
             self._check_previous()
             self.manifest = {
                 "stage": self.stage,
@@ -185,37 +198,54 @@ class RunDir:
                 "complete": False,
                 "started": _now(),
                 **({"resumed_at": _now()} if self.resumed else {}),
+                **({"num_processes": self.num_processes} if self.shared else {}),
             }
             write_json(self.path / MANIFEST, self.manifest)
         except BaseException:
             self.close()
             raise
 
+    @property
+    def shared(self) -> bool:
+        return self.num_processes > 1
+
     def close(self) -> None:
-        if self._lock_fd is not None:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        while self._lock_fds:
+            fd = self._lock_fds.pop()
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
     def _lock(self) -> None:
-        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        if not self.shared:
+            self._flock(LOCK, fcntl.LOCK_EX, "another jdelta process")
+            return
+        self._flock(LOCK, fcntl.LOCK_SH, "a single-process jdelta run (num_processes=1)")
+        self._flock(f"{LOCK}-process-{self.process_index}", fcntl.LOCK_EX,
+                    f"another jdelta process with process_index={self.process_index}")
+
+    def _flock(self, name: str, mode: int, holder: str) -> None:
+        fd = os.open(self.path / name, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
         except OSError as e:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            pid = os.pread(fd, 64, 0).decode(errors="replace").strip()
             os.close(fd)
             if e.errno in (errno.EAGAIN, errno.EACCES):
-                raise RunDirError(f"{self.path} is in use by another jdelta process (pid {holder}); wait for it "
-                                  "to finish or use another output directory") from None
+                who = f"{holder} (pid {pid})" if pid and mode == fcntl.LOCK_EX else holder
+                raise RunDirError(f"{self.path} is in use by {who}; wait for it to finish or use another "
+                                  "output directory") from None
             raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
+        if mode == fcntl.LOCK_EX:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fds.append(fd)
 
     def _check_previous(self) -> None:
+        if self.shared:
+            return self._check_previous_shared()
         mp = self.path / MANIFEST
         if not mp.is_file():
-            if any(p.name != LOCK for p in self.path.iterdir()):
+            if any(not p.name.startswith(LOCK) for p in self.path.iterdir()):
                 if not self.overwrite:
                     raise RunDirError(f"{self.path} is not empty and holds no jdelta manifest; use another output "
                                       "directory or overwrite=true to clear it")
@@ -233,14 +263,32 @@ class RunDir:
             return
         diffs = self.differences(old)
         if diffs and not self.overwrite:
-            shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
-            raise RunDirError(f"{self.path} holds a {self.stage} run with other settings: {shown}; rerun with the "
+            raise RunDirError(f"{self.path} holds a {self.stage} run with other settings: {_shown(diffs)}; rerun with the "
                               "same settings to resume, or use another output directory or overwrite=true")
         if diffs:
             self.clear()
             return
         self.resumed = True
         self.previous = old
+
+    def _check_previous_shared(self) -> None:
+        others = [p.name for p in self.path.iterdir() if not p.name.startswith(LOCK) and p.name != MANIFEST]
+        mp = self.path / MANIFEST
+        if not mp.is_file():
+            if others:
+                raise RunDirError(f"{self.path} is not empty and holds no jdelta manifest; use another output directory")
+            return
+        old = read_json(mp)
+        if old.get("stage") != self.stage:
+            raise RunDirError(f"{self.path} holds a {old.get('stage')!r} run, not {self.stage!r}; use another "
+                              "output directory")
+        diffs = self.differences(old)
+        if diffs and (old.get("committed") or others):
+            raise RunDirError(f"{self.path} holds a {self.stage} run with other settings: {_shown(diffs)}; rerun with "
+                              "the same settings to resume, or use another output directory (or one process with "
+                              "overwrite=true)")
+        self.resumed = bool(old.get("committed")) and not diffs
+        self.previous = old if self.resumed else {}
 
     def differences(self, old: Mapping[str, Any]) -> list[str]:
         """Dotted keys of config and inputs that differ from a previous manifest's."""
@@ -260,9 +308,9 @@ class RunDir:
                          {"config": strip(new["config"]), "inputs": new["inputs"]})
 
     def clear(self) -> None:
-        """Remove everything in the directory but the lock."""
+        """Remove everything in the directory but the lock files."""
         for p in self.path.iterdir():
-            if p.name == LOCK:
+            if p.name.startswith(LOCK):
                 continue
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p)
@@ -282,7 +330,10 @@ class RunDir:
         if fields.get("complete"):
             self.manifest.setdefault("finished", _now())
             self.manifest["committed"] = True
-        write_json(self.path / MANIFEST, self.manifest)
+        mp = self.path / MANIFEST
+        if self.shared and not self.manifest.get("committed") and mp.is_file() and read_json(mp).get("committed"):
+            self.manifest["committed"] = True  # a sibling committed: never unbind the directory
+        write_json(mp, self.manifest)
         return self.manifest
 
     def file(self, rel: str | os.PathLike) -> Path:
@@ -295,6 +346,10 @@ class RunDir:
 
     def open_atomic(self, rel: str | os.PathLike, mode: str = "w"):
         return open_atomic(self.path / rel, mode)
+
+
+def _shown(diffs: list[str]) -> str:
+    return "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
 
 
 def _now() -> str:

@@ -237,10 +237,10 @@ def make_seeds(out_dir: str | Path, n: int, seed: int = 0, *, width: int = 192, 
 def make_tokenizer(records_path: str | Path, out_dir: str | Path, vocab_size: int = 512):
     """A small byte-level BPE tokenizer trained on the records' text, saved in HF layout."""
     from jdelta.data.charts import corpus_text
-    from jdelta.data.records import read_jsonl
+    from jdelta.data.records import read_records_jsonl
     from jdelta.data.tokenizer import build_demo_tokenizer
 
-    records = list(read_jsonl(records_path))
+    records = list(read_records_jsonl(records_path))
     return build_demo_tokenizer(out_dir, corpus_text(records), vocab_size=vocab_size)
 
 

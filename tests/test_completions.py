@@ -9,7 +9,7 @@ import pytest
 from jdelta.buckets import bucket
 from jdelta.completions import make_sampler, prompt_batches
 from jdelta.data.pipeline import PipelineConfig
-from jdelta.data.records import PromptRecord, read_jsonl
+from jdelta.data.records import PromptRecord, read_records_jsonl
 from jdelta.testing import make_seeds, make_tokenizer
 
 
@@ -18,7 +18,7 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("completions")
     seeds = make_seeds(root / "seeds", 7, seed=1, width=96, height=64)
     tok = make_tokenizer(seeds, root / "tok", vocab_size=320)
-    records = list(read_jsonl(seeds))
+    records = list(read_records_jsonl(seeds))
     records[2] = dataclasses.replace(records[2], id="no-image", images=[b"not an image"])
     records[4] = dataclasses.replace(records[4], id="multi", answer="7", meta={"answers": ["7", "seven"]})
     return records, tok

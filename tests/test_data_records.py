@@ -20,8 +20,8 @@ from jdelta.data.records import (
     RecordError,
     hf_disk_source,
     open_records,
-    read_array_record,
-    read_jsonl,
+    read_records_array_record,
+    read_records_jsonl,
     tfds_source,
     write_array_record,
     write_jsonl,
@@ -42,11 +42,11 @@ def records():
 
 def test_jsonl_round_trip_inline_and_image_folder(records, tmp_path):
     write_jsonl(records, tmp_path / "a.jsonl")
-    assert [r.to_json() for r in read_jsonl(tmp_path / "a.jsonl")] == [r.to_json() for r in records]
+    assert [r.to_json() for r in read_records_jsonl(tmp_path / "a.jsonl")] == [r.to_json() for r in records]
     write_jsonl(records, tmp_path / "b" / "records.jsonl", image_dir=tmp_path / "b" / "images")
     line = json.loads((tmp_path / "b" / "records.jsonl").read_text().splitlines()[0])
     assert "path" in line["images"][0] and not line["images"][0]["path"].startswith("/")
-    back = list(read_jsonl(tmp_path / "b" / "records.jsonl", image_dir=tmp_path / "b" / "images"))
+    back = list(read_records_jsonl(tmp_path / "b" / "records.jsonl", image_dir=tmp_path / "b" / "images"))
     assert [r.image_bytes(0) for r in back] == [r.images[0] for r in records]
     assert back[3].cues.hint == records[3].cues.hint and back[3].meta == records[3].meta
     src = open_records(tmp_path / "b")
@@ -55,7 +55,7 @@ def test_jsonl_round_trip_inline_and_image_folder(records, tmp_path):
 
 def test_array_record_round_trip(records, tmp_path):
     write_array_record(records, tmp_path / "records.array_record")
-    got = list(read_array_record(tmp_path / "records.array_record"))
+    got = list(read_records_array_record(tmp_path / "records.array_record"))
     assert [r.to_json() for r in got] == [r.to_json() for r in records]
     assert isinstance(open_records(tmp_path), ArrayRecordSource)
 
@@ -87,7 +87,7 @@ def test_a_list_of_accepted_answers_stays_a_list(tmp_path):
     """``"answer": ["123", "124"]`` keeps both (it used to become the string "['123', '124']")."""
     p = tmp_path / "multi.jsonl"
     p.write_text(_line(id="m1", answer=["123", "124"]) + "\n" + _line(id="m2", answer=12) + "\n")
-    rec, num = read_jsonl(p)
+    rec, num = read_records_jsonl(p)
     assert rec.answer == "123" and rec.meta["answers"] == ["123", "124"]
     assert rec.answers == references_of(rec) == ["123", "124"]
     # a correct "124" scores 1 against the list (it scored 0 against the stringified list)
@@ -96,7 +96,7 @@ def test_a_list_of_accepted_answers_stays_a_list(tmp_path):
     # kept through both writers: JSONL and ArrayRecord (bytes) round trips
     write_jsonl([rec], tmp_path / "again.jsonl")
     write_array_record([rec], tmp_path / "again.array_record")
-    for back in (*read_jsonl(tmp_path / "again.jsonl"), *read_array_record(tmp_path / "again.array_record")):
+    for back in (*read_records_jsonl(tmp_path / "again.jsonl"), *read_records_array_record(tmp_path / "again.array_record")):
         assert (back.answer, references_of(back)) == ("123", ["123", "124"])
     # DocVQA / InfoVQA layouts keep every accepted answer too
     doc = LAYOUTS["docvqa"]({"questionId": 1, "question": "Date?", "answers": ["1 May", "May 1"], "image": _png(2)}, 0)
@@ -118,7 +118,7 @@ def test_bad_answer_lists_name_the_record(tmp_path, answer, message):
     p = tmp_path / "bad.jsonl"
     p.write_text(_line(id="e", answer=answer) + "\n")
     with pytest.raises(RecordError, match=message) as e:
-        next(read_jsonl(p))
+        next(read_records_jsonl(p))
     assert e.value.reason == "invalid_answer" and "\n" not in str(e.value) and isinstance(e.value, UserError)
 
 
@@ -157,7 +157,7 @@ def test_non_utf8_line_names_file_line_and_id(tmp_path):
     w.write(bad)
     w.close()
     with pytest.raises(RecordError, match=r"r\.array_record\[0\] \(id 'u7'\): not valid UTF-8"):
-        next(read_array_record(tmp_path / "r.array_record"))
+        next(read_records_array_record(tmp_path / "r.array_record"))
 
 
 def test_image_name_says_which_file():
@@ -274,7 +274,7 @@ def test_make_seeds_cli(tmp_path, capsys):
     argv = ["make-seeds", "--out", str(out), "--n", "30", "--seed", "4", "--width", "128", "--height", "96"]
     assert cli_main(argv + ["--tokenizer-vocab", "500"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    recs = list(read_jsonl(out / "records.jsonl"))
+    recs = list(read_records_jsonl(out / "records.jsonl"))
     assert manifest["count"] == len(recs) == 30 and sum(manifest["counts"]["family"].values()) == 30
     assert manifest["config"]["seed"] == 4 and (out / "tokenizer" / "tokenizer.json").is_file()
     assert [r.to_json() for r in recs] == [r.to_json() for r in generate_records(30, 4, width=128, height=96)]
@@ -284,7 +284,7 @@ def test_make_seeds_cli(tmp_path, capsys):
     assert cli_main(argv) == 2  # other settings: refused, naming the key
     assert "config.tokenizer_vocab (500 -> 0)" in capsys.readouterr().err
     assert cli_main(argv + ["--overwrite", "--workers", "2"]) == 0  # parallel drawing: same records
-    assert [r.to_json() for r in read_jsonl(out / "records.jsonl")] == [r.to_json() for r in recs]
+    assert [r.to_json() for r in read_records_jsonl(out / "records.jsonl")] == [r.to_json() for r in recs]
     assert (
         cli_main(
             [
@@ -303,7 +303,7 @@ def test_make_seeds_cli(tmp_path, capsys):
         )
         == 0
     )
-    got = list(read_array_record(tmp_path / "ar" / "records.array_record"))
+    got = list(read_records_array_record(tmp_path / "ar" / "records.array_record"))
     assert {r.family for r in got} <= {"trend", "total"} and len(got) == 5
     assert cli_main(["make-seeds", "--out", str(tmp_path / "x"), "--n", "5", "--families", "bogus"]) == 2
     assert "config key 'families': unknown family 'bogus'" in capsys.readouterr().err

@@ -9,7 +9,7 @@ from jdelta import completions
 from jdelta.benchmark_metrics import answer_metric_for
 from jdelta.cli import main
 from jdelta.config import build
-from jdelta.data.records import PromptRecord, read_jsonl, write_jsonl
+from jdelta.data.records import PromptRecord, read_records_jsonl, write_jsonl
 from jdelta.errors import RunDirError
 from jdelta.evaluation import parse_data_spec
 from jdelta.runs import RunDir
@@ -24,7 +24,7 @@ def setup(tmp_path_factory):
     tok = make_tokenizer(seeds, root / "tok", vocab_size=320)
     cfg = tiny_config_for_tokenizer(tok, hidden=32, layers=1, vision_hidden=16)
     model = make_random_model_dir(cfg, tok, root / "model", 7)
-    charts = list(read_jsonl(seeds))
+    charts = list(read_records_jsonl(seeds))
     image = charts[0].images[0]
     docs = [
         PromptRecord(id="doc-0", images=[image], question="Who issued it?", answer="Acme Corporation",

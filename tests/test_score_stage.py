@@ -12,7 +12,7 @@ from jdelta import completions
 from jdelta import divergence as dv
 from jdelta.cli import main
 from jdelta.config import build
-from jdelta.data.records import read_jsonl, write_jsonl
+from jdelta.data.records import read_records_jsonl, write_jsonl
 from jdelta.delta_scoring import DeltaTestConfig, delta_records, score_prompts
 from jdelta.errors import RunDirError, UserError
 from jdelta.runs import RunDir
@@ -106,7 +106,7 @@ def test_score_counts_add_up_and_resume(setup, session, tmp_path):
     assert set(skipped) == {None, "bad-empty-question", "bad-image"}
     assert f"{prompts}:3" in skipped[None]["message"]  # names the file and line
 
-    good_ids = [r.id for r in read_jsonl(root / "seeds" / "records.jsonl")]
+    good_ids = [r.id for r in read_records_jsonl(root / "seeds" / "records.jsonl")]
     for e in entries:
         if e["status"] != "scored":
             continue
@@ -146,7 +146,7 @@ def test_score_counts_add_up_and_resume(setup, session, tmp_path):
 
 def test_score_prompts_library_call(setup, session):
     root, _, teacher, student, tok = setup
-    records = list(read_jsonl(root / "seeds" / "records.jsonl"))[:3]
+    records = list(read_records_jsonl(root / "seeds" / "records.jsonl"))[:3]
     s = SETTINGS
     rows = score_prompts(teacher, student, records, tokenizer=tok, sampling=build_part("sampling"),
                          prompt=build_part("prompt"), tests=DeltaTestConfig(**s["delta"]), session=session)
@@ -326,7 +326,7 @@ def test_score_on_a_mesh(setup):
     from jdelta.models.loading import ModelSession
 
     root, _, teacher, student, tok = setup
-    records = list(read_jsonl(root / "seeds" / "records.jsonl"))[:4]
+    records = list(read_records_jsonl(root / "seeds" / "records.jsonl"))[:4]
     session = ModelSession(MeshConfig(data=2, fsdp=4).make())
     rows = score_prompts(teacher, student, records, tokenizer=tok, sampling=build_part("sampling"),
                          prompt=build_part("prompt"), tests=DeltaTestConfig(**SETTINGS["delta"]), session=session)

@@ -16,7 +16,7 @@ from jdelta.config import build, load
 from jdelta.errors import RunDirError
 from jdelta.runs import RunDir
 from jdelta.synth.pipeline_config import PipelineConfig, ScorerConfig, SourceConfig, SynthesisRunConfig
-from jdelta.synth.unit_runner import SharedRunDir, open_run_dir
+from jdelta.synth.unit_runner import open_run_dir
 
 SYNTH_ARGS = ["--scores", "nowhere/scores.jsonl"]
 
@@ -145,11 +145,11 @@ def test_second_process_on_a_live_pipeline_dir_is_refused(tmp_path, capsys):
 
 def test_sharded_processes_lock_by_index(tmp_path):
     config = {"seed": 1}
-    a = SharedRunDir(tmp_path, "pipeline", config=config, process_index=0, num_processes=2)
+    a = RunDir(tmp_path, "pipeline", config=config, process_index=0, num_processes=2)
     with a:
         with pytest.raises(RunDirError, match="in use by another jdelta process with process_index=0"):
-            SharedRunDir(tmp_path, "pipeline", config=config, process_index=0, num_processes=2).open()
-        with SharedRunDir(tmp_path, "pipeline", config=config, process_index=1, num_processes=2) as b:
+            RunDir(tmp_path, "pipeline", config=config, process_index=0, num_processes=2).open()
+        with RunDir(tmp_path, "pipeline", config=config, process_index=1, num_processes=2) as b:
             b.commit()
         assert not a.manifest["committed"]
         a.update(stages={})
@@ -157,7 +157,7 @@ def test_sharded_processes_lock_by_index(tmp_path):
         with pytest.raises(RunDirError, match="in use by a single-process|in use by another jdelta process"):
             RunDir(tmp_path, "pipeline", config=config).open()
         with pytest.raises(RunDirError, match=r"config\.seed \(1 -> 2\)"):
-            SharedRunDir(tmp_path, "pipeline", config={"seed": 2}, process_index=1, num_processes=2).open()
+            RunDir(tmp_path, "pipeline", config={"seed": 2}, process_index=1, num_processes=2).open()
     with pytest.raises(RunDirError, match="overwrite needs num_processes=1"):
         open_run_dir(tmp_path, "pipeline", config=config, inputs={}, overwrite=True, num_processes=2)
     # Alone again: a single process resumes the committed run.

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from jdelta.cli import main as cli_main
-from jdelta.data.records import read_array_record
+from jdelta.data.records import read_records_array_record
 from jdelta.errors import RunDirError
 from jdelta.runs import read_json, read_jsonl
 from jdelta.synth.pipeline import Pipeline, run_pipeline
@@ -173,7 +173,7 @@ def test_cli_pipeline_and_synthesize(tmp_path, ref, capsys):
     assert m["complete"] and m["config"]["synthesis"]["steered"]["n"] == 4
     assert m["stages"]["round-00/synth"]["steered_records"] == 4
     assert read_json(out / "output" / "manifest.json")["count"] == m["stages"]["output"]["out"]
-    recs = list(read_array_record(out / "output" / "records.array_record"))
+    recs = list(read_records_array_record(out / "output" / "records.array_record"))
     assert len(recs) == m["stages"]["output"]["out"] and all(r.provenance.get("screening") for r in recs)
     capsys.readouterr()
     assert cli_main(["pipeline", "--config", str(cfg), "--out", str(out), "seed=9"]) == 2

@@ -395,7 +395,7 @@ class ListSource:
         return raw.validate()
 
 
-def read_jsonl(
+def read_records_jsonl(
     path: str | os.PathLike, *, image_dir: str | os.PathLike | None = None
 ) -> Iterator[PromptRecord]:
     """Parse every record of a JSONL file; the first bad line raises naming file and line."""
@@ -404,7 +404,7 @@ def read_jsonl(
         yield src.to_record(src[i], i)
 
 
-def read_array_record(path: str | os.PathLike, *, image_dir=None) -> Iterator[PromptRecord]:
+def read_records_array_record(path: str | os.PathLike, *, image_dir=None) -> Iterator[PromptRecord]:
     src = ArrayRecordSource(path, image_dir=image_dir)
     for i in range(len(src)):
         yield src.to_record(src[i], i)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jdelta.buckets import bucket
 from jdelta.distill.rollout import flatten_vision, images_per_row, repeat_prompts, stack_vision
 from jdelta.logprobs import prepare_score_inputs
 
@@ -50,10 +51,18 @@ def cut_at_special(tokens: np.ndarray, lengths: np.ndarray, ids: tuple[int, ...]
     return first, int((first < lengths).sum())
 
 
-def _round_up(n: int, m: int) -> int:
-    return max(m, -(-n // m) * m)
 
 
+def cut_at_padded_ids(tokens: np.ndarray, lengths: np.ndarray, vocab_size: int | None) -> tuple[np.ndarray, int]:
+    """Truncate each row before its first id ``>= vocab_size`` (an LM-head padding column the sampler
+    drew: no tokenizer id, and no probability in the training softmax). Returns the new lengths and
+    how many rows were cut."""
+    lengths = np.asarray(lengths, np.int32)
+    if vocab_size is None:
+        return lengths, 0
+    hit = (np.asarray(tokens) >= vocab_size) & (np.arange(tokens.shape[1])[None] < lengths[:, None])
+    first = np.where(hit.any(1), hit.argmax(1), lengths).astype(np.int32)
+    return first, int((first < lengths).sum())
 
 
 def model_inputs(batch: Mapping[str, jax.Array], prefix: str = "") -> dict[str, Any]:
@@ -97,6 +106,7 @@ def assemble_batch(
     completion_bucket: int = 32,
     prompt_bucket: int = 1,
     image_token_id: int | None = None,
+    teacher_prompts: Mapping[str, Any] | None = None,
 ) -> dict[str, np.ndarray]:
     """Host side: left-padded prompts (``B`` rows, model vision layout) and their completions
     (``[B*K, T]``, lengths ``[B*K]``, rows prompt-major) -> the per-sample train batch.
@@ -107,7 +117,9 @@ def assemble_batch(
     ``image_grid_thw [B*K, N, 3]`` (+ ``pixel_values_pixelated``), the same under ``teacher_*``
     (teacher positions from ``teacher_rope_fn``), and ``prompt_index``. Images are assigned
     to rows by counting image-token runs (``image_token_id``) unless the batch gives
-    ``images_per_sample``.
+    ``images_per_sample``. ``teacher_prompts`` (``input_ids``, ``attention_mask [B, S_t]``, left-padded,
+    the same images in the same order: ViCuR's privileged prompts) gives the teacher its own sequences
+    ``teacher_input_ids, teacher_attention_mask, teacher_position_ids`` ending in the same completions.
     """
     k = rollouts_per_prompt
     b = np.asarray(prompts["input_ids"]).shape[0]
@@ -116,12 +128,12 @@ def assemble_batch(
     lengths = np.asarray(lengths, np.int32)
     if int(lengths.sum()) == 0:
         raise ValueError("the completion mask is empty (every rollout has length 0); nothing to train on")
-    t = min(completion.shape[1], _round_up(int(lengths.max()), completion_bucket))
+    t = min(completion.shape[1], bucket(int(lengths.max()), (completion_bucket,)))
     completion = completion[:, :t]
     lengths = np.minimum(lengths, t)
     cmask = (np.arange(t)[None, :] < lengths[:, None]).astype(np.int32)
     ids, pmask = np.asarray(prompts["input_ids"], np.int32), np.asarray(prompts["attention_mask"], np.int32)
-    extra = _round_up(ids.shape[1], prompt_bucket) - ids.shape[1]
+    extra = bucket(ids.shape[1], (prompt_bucket,)) - ids.shape[1]
     if extra:
         ids = np.concatenate([np.full((b, extra), pad_id, np.int32), ids], axis=1)
         pmask = np.concatenate([np.zeros((b, extra), np.int32), pmask], axis=1)
@@ -154,6 +166,22 @@ def assemble_batch(
         "teacher_position_ids": np.swapaxes(np.asarray(t_pos, np.int32), 0, 1),
         "prompt_index": rep["prompt_index"],
     }
+    if teacher_prompts is not None:
+        t_ids = np.asarray(teacher_prompts["input_ids"], np.int32)
+        t_mask = np.asarray(teacher_prompts["attention_mask"], np.int32)
+        if t_ids.shape[0] != b:
+            raise ValueError(f"{t_ids.shape[0]} teacher prompts for {b} prompts")
+        t_extra = bucket(t_ids.shape[1], (prompt_bucket,)) - t_ids.shape[1]
+        if t_extra:
+            t_ids = np.concatenate([np.full((b, t_extra), pad_id, np.int32), t_ids], axis=1)
+            t_mask = np.concatenate([np.zeros((b, t_extra), np.int32), t_mask], axis=1)
+        t_rep = repeat_prompts({"input_ids": t_ids, "attention_mask": t_mask}, k)
+        t_in = prepare_score_inputs({"input_ids": t_rep["input_ids"], "attention_mask": t_rep["attention_mask"],
+                                     "pixel_values": flat_pv, "image_grid_thw": flat_grid},
+                                    completion, cmask, teacher_rope_fn or rope_fn, pad_id=pad_id)
+        out["teacher_input_ids"] = t_in["input_ids"]
+        out["teacher_attention_mask"] = t_in["attention_mask"]
+        out["teacher_position_ids"] = np.swapaxes(np.asarray(t_in["position_ids"], np.int32), 0, 1)
     if "pixel_values" in rep:
         out["pixel_values"], out["image_grid_thw"] = rep["pixel_values"], rep["image_grid_thw"]
         out["teacher_pixel_values"], out["teacher_image_grid_thw"] = rep["pixel_values"], rep["image_grid_thw"]

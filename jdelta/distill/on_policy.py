@@ -20,7 +20,13 @@ consumes it):
    (:mod:`jdelta.losses`), then reduced per ``mode``.
 
 Modes: ``reverse_kl`` (standard OPD: token mean per response, then mean over responses),
-``gkd`` (generalized JSD with ``gkd_beta``, same reduction) and ``va_opd`` (METHODS.md).
+``gkd`` (generalized JSD with ``gkd_beta``, ``gkd_reduction``), ``va_opd`` (METHODS.md) and
+``vicur`` (METHODS.md: the teacher scores the student's rollouts given a privileged prompt, the
+student trains with the clipped sampled-token advantage of :mod:`jdelta.losses.vicur`; the teacher
+pass keeps only the sampled tokens' log-probs, see :mod:`jdelta.distill.vicur`).
+
+Every training softmax covers the tokenizer's real ids only (``vocab_size``): the LM head's padded
+columns carry no probability, and a rollout is cut before a padded id it sampled.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from jdelta.config import check
 from jdelta.distill.batch import (
     assemble_batch,
     completion_hidden,
+    cut_at_padded_ids,
     cut_at_special,
     model_inputs,
     rope_index_fn,
@@ -52,10 +59,11 @@ from jdelta.distill.loop import StepInput
 from jdelta.distill.rollout import flatten_vision
 from jdelta.distill.train_state import TrainState
 from jdelta.logprobs import chunked_token_logprobs
+from jdelta.models.cue_recovery import CueRecoveryConfig
 from jdelta.sampling import Sampler, SamplingParams
 from jdelta.sharding import Rules, activation_sharding, state_shardings
 
-Mode = Literal["reverse_kl", "gkd", "va_opd"]
+Mode = Literal["reverse_kl", "gkd", "va_opd", "vicur"]
 MODES: tuple[str, ...] = typing.get_args(Mode)
 
 
@@ -73,12 +81,32 @@ class DistillConfig:
     chunk_size: positions per chunk in the chunked divergence and log-probs (peak ``B * chunk_size * V``
       floats; 64 keeps the loss's temp memory >= 8x below the naive one at V = 151,936, see
       benchmarks/RESULTS.md).
-    gkd_beta: the generalized-JSD mixing weight (see :mod:`jdelta.losses` for the convention).
-    gkd_lambda: probability that a step is on-policy (GKD's λ); otherwise it trains on
-      ``off_policy_source`` completions: ``dataset`` (the batch's ``completion`` column,
-      token ids right-padded with ``pad_id``) or ``teacher`` (teacher samples).
+    vocab_size: the tokenizer's real ids; LM-head columns from it on are left out of every
+      softmax (None: the data source's tokenizer's, else the whole head).
+    gkd_beta: the generalized-JSD mixing weight (TRL's convention: 0 = forward KL, 1 = reverse KL;
+      see :mod:`jdelta.losses`).
+    gkd_lambda: probability that a step is on-policy (GKD's λ, the student-data fraction); otherwise
+      it trains on ``off_policy_source`` completions: ``dataset`` (the batch's ``completion`` column,
+      token ids right-padded with ``pad_id``) or ``teacher`` (teacher samples). Default 1.0 (always
+      on-policy, as the other modes); TRL's ``GKDConfig.lmbda`` defaults to 0.5.
+    gkd_reduction: ``sequence_mean`` (default: token mean per response, then over responses, the
+      reduction of ``reverse_kl``, so β = 1 is exactly that mode) or ``batchmean`` (TRL's default:
+      summed over the vocabulary and all response tokens of the batch, divided by their count).
     va_high_fraction / va_lambda / va_tau: VA-OPD's top-fraction token group, the weight of
       the high group and the softmax temperature of the rollout weights.
+    privileged: what the teacher's prompt adds to the question (``vicur``): ``hint`` (the record's
+      ``[Hint]: ...`` cue), ``answer`` (its reference answer: answer-privileged self-distillation,
+      ViCuR's baseline) or ``none`` (the student's prompt). Needs prompt records for hint/answer.
+    cue_recovery: the student carries ViCuR's cue-recovery module (``vicur``); with
+      ``privileged`` this gives the ablations: full (hint + module), hint only (hint, no module),
+      module only (none or answer + module), answer-privilege (answer, no module). A teacher-less
+      ``vicur`` run distils from the student's own initial weights (self-distillation); with the
+      module's default zero-output init and ``privileged=none`` that teacher equals the initial
+      student, so there is no signal: module-only ablations need a separate teacher or ``answer``.
+    cue: the module's settings (:class:`~jdelta.models.cue_recovery.CueRecoveryConfig`; the sink
+      token is the data tokenizer's ``<|im_start|>`` when there is one).
+    vicur_clip_low / vicur_clip_high / vicur_dual_clip / vicur_k1_clamp: the ViCuR loss's PPO clip,
+      dual clip and k1 clamp (METHODS.md: 0.2 / 0.2 / 3 / 10).
     completion_bucket: the completion axis is trimmed to the longest rollout, rounded up
       to a multiple of this; prompt_bucket: prompts are left-padded to a multiple of this
       (both bound recompilation of the teacher pass and the train step).
@@ -97,12 +125,21 @@ class DistillConfig:
     chunk_size: int = 64
     gkd_beta: float = 0.5
     gkd_lambda: float = 1.0
+    gkd_reduction: Literal["sequence_mean", "batchmean"] = "sequence_mean"
     off_policy_source: Literal["dataset", "teacher"] = "dataset"
     va_high_fraction: float = 0.2
     va_lambda: float = 0.5
     va_tau: float = 1.0
+    privileged: Literal["hint", "answer", "none"] = "hint"
+    cue_recovery: bool = True
+    cue: CueRecoveryConfig = dataclasses.field(default_factory=CueRecoveryConfig)
+    vicur_clip_low: float = 0.2
+    vicur_clip_high: float = 0.2
+    vicur_dual_clip: float | None = 3.0
+    vicur_k1_clamp: float | None = 10.0
     completion_bucket: int = 32
     prompt_bucket: int = 32
+    vocab_size: int | None = None
     seed: int = 0
 
     def __post_init__(self):
@@ -126,17 +163,46 @@ class DistillConfig:
         check(self.va_tau > 0, "va_tau", f"must be > 0, got {self.va_tau}")
         check(self.completion_bucket >= 1, "completion_bucket", f"must be >= 1, got {self.completion_bucket}")
         check(self.prompt_bucket >= 1, "prompt_bucket", f"must be >= 1, got {self.prompt_bucket}")
+        check(self.gkd_reduction in ("sequence_mean", "batchmean"), "gkd_reduction",
+              f"must be 'sequence_mean' or 'batchmean', got {self.gkd_reduction!r}")
+        check(self.privileged in ("hint", "answer", "none"), "privileged",
+              f"must be 'hint', 'answer' or 'none', got {self.privileged!r}")
+        check(self.vicur_clip_low >= 0 and self.vicur_clip_high >= 0, "vicur_clip_low",
+              f"clip ratios must be >= 0, got {self.vicur_clip_low}, {self.vicur_clip_high}")
+        check(self.vicur_dual_clip is None or self.vicur_dual_clip > 1, "vicur_dual_clip",
+              f"must be > 1 (or null: off), got {self.vicur_dual_clip}")
+        check(self.vicur_k1_clamp is None or self.vicur_k1_clamp > 0, "vicur_k1_clamp",
+              f"must be > 0 (or null: off), got {self.vicur_k1_clamp}")
+        check(self.vocab_size is None or self.vocab_size >= 1, "vocab_size", f"must be >= 1, got {self.vocab_size}")
 
-    def resolved(self, stop_token_ids: tuple[int, ...] = (), pad_id: int = 0) -> DistillConfig:
-        """This config with ``stop_token_ids`` / ``pad_id`` left None filled in (from the data source)."""
+    @property
+    def teacher_prompt(self) -> str | None:
+        """What the teacher's prompt adds (``hint`` / ``answer``), or None when it is the student's."""
+        return self.privileged if self.mode == "vicur" and self.privileged != "none" else None
+
+    def resolved(self, stop_token_ids: tuple[int, ...] = (), pad_id: int = 0,
+                 vocab_size: int | None = None) -> DistillConfig:
+        """This config with ``stop_token_ids`` / ``pad_id`` / ``vocab_size`` left None filled in
+        (from the data source)."""
         return dataclasses.replace(
             self, stop_token_ids=tuple(stop_token_ids) if self.stop_token_ids is None else self.stop_token_ids,
-            pad_id=int(pad_id) if self.pad_id is None else self.pad_id)
+            pad_id=int(pad_id) if self.pad_id is None else self.pad_id,
+            vocab_size=vocab_size if self.vocab_size is None else self.vocab_size)
 
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                               max_new_tokens=self.max_new_tokens, stop_token_ids=self.stop_token_ids or (),
                               n=self.rollouts_per_prompt)
+
+
+def batch_token_count(batch: Mapping[str, jax.Array], mask: jax.Array) -> jax.Array:
+    """The token-mean normaliser of a (micro-)batch: the whole step's completion-token count scaled
+    to this micro-batch's share of the rows (``batch_tokens`` / ``batch_rows``, one value per row,
+    set by the producer), so that the train step's mean over micro-batches of ``sum / count`` is the
+    full batch's ``sum / tokens``; without them, ``mask``'s count."""
+    if "batch_tokens" not in batch:
+        return mask.astype(jnp.float32).sum()
+    return batch["batch_tokens"][0] * (mask.shape[0] / batch["batch_rows"][0])
 
 
 def vocab_size_of(model: nnx.Module) -> int:
@@ -159,27 +225,33 @@ def check_vocabularies(student: nnx.Module, teacher: nnx.Module) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def teacher_score_fn(graphdef, state, batch, *, t: int, chunk_size: int, with_pixelated: bool, kl_temperature: float):
+def teacher_score_fn(graphdef, state, batch, *, t: int, chunk_size: int, with_pixelated: bool, kl_temperature: float,
+                     vocab_size: int | None = None, logprobs_only: bool = False):
     """Teacher pass(es): hidden states at completion positions, and (VA) the visual advantage.
 
-    Returns ``{"teacher_hidden": [B, T, H_t]}`` plus, when ``with_pixelated``,
+    The teacher reads ``teacher_input_ids`` when the batch has them (a privileged prompt), else the
+    student's ``input_ids``. Returns ``{"teacher_hidden": [B, T, H_t]}`` plus, when ``with_pixelated``,
     ``"va": [B, T]`` = ``max(log p_T(y_t | image) - log p_T(y_t | pixelated), 0)`` (masked)
-    and ``"teacher_logprob"``, ``"teacher_logprob_pixelated"`` ``[B, T]``.
+    and ``"teacher_logprob"``, ``"teacher_logprob_pixelated"`` ``[B, T]``. ``logprobs_only``: only
+    ``"teacher_logprob"`` (ViCuR). Log-probs are over the first ``vocab_size`` ids.
     """
     teacher = nnx.merge(graphdef, state)
     comp, cmask = batch["completion"], batch["completion_mask"]
-    hidden = completion_hidden(teacher, batch["input_ids"], model_inputs(batch, "teacher_"), t)
-    out = {"teacher_hidden": hidden}
-    if with_pixelated:
+    ids = batch.get("teacher_input_ids", batch["input_ids"])
+    hidden = completion_hidden(teacher, ids, model_inputs(batch, "teacher_"), t)
+    out = {} if logprobs_only else {"teacher_hidden": hidden}
+    if logprobs_only or with_pixelated:
         head = teacher.lm_head_weight()
-        lp = chunked_token_logprobs(hidden, head, comp, cmask, chunk_size=chunk_size,
-                                    temperature=kl_temperature).token_logprobs
+        lp = chunked_token_logprobs(hidden, head, comp, cmask, chunk_size=chunk_size, temperature=kl_temperature,
+                                    vocab_size=vocab_size).token_logprobs
+        out["teacher_logprob"] = lp
+    if with_pixelated:
         pix_inputs = model_inputs(batch, "teacher_")
         pix_inputs["pixel_values"], _ = flatten_vision(batch["pixel_values_pixelated"],
                                                        batch["teacher_image_grid_thw"])
-        hid_pix = completion_hidden(teacher, batch["input_ids"], pix_inputs, t)
+        hid_pix = completion_hidden(teacher, ids, pix_inputs, t)
         lp_pix = chunked_token_logprobs(hid_pix, head, comp, cmask, chunk_size=chunk_size,
-                                        temperature=kl_temperature).token_logprobs
+                                        temperature=kl_temperature, vocab_size=vocab_size).token_logprobs
         out["va"] = jnp.maximum(lp - lp_pix, 0.0) * cmask
         out["teacher_logprob"], out["teacher_logprob_pixelated"] = lp, lp_pix
     return out
@@ -193,8 +265,13 @@ def make_distill_loss(cfg: DistillConfig) -> Callable[..., tuple[jax.Array, dict
     ``completion_mask [B, T]``, ``teacher_hidden [B, T, H_t]``, (VA) ``teacher_logprob``,
     ``teacher_logprob_pixelated [B, T]`` (sampled-token log-probs, original / pixelated image).
     ``teacher_head``: ``[H_t, V]``. For ``va_opd`` every micro-batch must hold whole prompt
-    groups (its size a multiple of ``rollouts_per_prompt``).
+    groups (its size a multiple of ``rollouts_per_prompt``). ``vicur``: see
+    :func:`jdelta.distill.vicur.make_vicur_loss` (``teacher_logprob`` instead of ``teacher_hidden``).
     """
+    if cfg.mode == "vicur":
+        from jdelta.distill.vicur import make_vicur_loss
+
+        return make_vicur_loss(cfg)
 
     def loss_fn(student, batch, rng, teacher_head):
         del rng
@@ -204,7 +281,8 @@ def make_distill_loss(cfg: DistillConfig) -> Callable[..., tuple[jax.Array, dict
         kind = "jsd" if cfg.mode == "gkd" else "reverse_kl"
         per_token = losses.chunked_token_divergence(
             hidden, student.lm_head_weight(), batch["teacher_hidden"], teacher_head, mask,
-            kind=kind, beta=cfg.gkd_beta, temperature=cfg.kl_temperature, chunk_size=cfg.chunk_size)
+            kind=kind, beta=cfg.gkd_beta, temperature=cfg.kl_temperature, chunk_size=cfg.chunk_size,
+            vocab_size=cfg.vocab_size)
         maskf = mask.astype(jnp.float32)
         n_tok = maskf.sum()
         aux = {
@@ -217,6 +295,8 @@ def make_distill_loss(cfg: DistillConfig) -> Callable[..., tuple[jax.Array, dict
                 rollouts_per_prompt=cfg.rollouts_per_prompt, high_weight=cfg.va_lambda,
                 weight_temperature=cfg.va_tau, high_fraction=cfg.va_high_fraction)
             aux.update({f"va/{k.removeprefix('va_')}": v for k, v in va_aux.items()})
+        elif cfg.mode == "gkd" and cfg.gkd_reduction == "batchmean":
+            loss = losses.token_sum_normalized(per_token, mask, batch_token_count(batch, mask))
         else:
             loss = losses.opd_loss(per_token, mask)
         return loss, aux
@@ -247,6 +327,8 @@ class OnPolicyDistiller:
                  prompts: Iterator[Mapping[str, Any]], *, mesh: Mesh | None = None, rules: Rules | None = None):
         self.vocab_size = check_vocabularies(student_template, teacher)
         cfg = cfg.resolved()
+        if cfg.vocab_size is not None and cfg.vocab_size > self.vocab_size:
+            raise ValueError(f"distill.vocab_size={cfg.vocab_size} exceeds the LM head's {self.vocab_size} columns")
         self.cfg, self.prompts, self.mesh, self.rules = cfg, prompts, mesh, rules
         self.student = student_template
         self.teacher = teacher
@@ -259,7 +341,7 @@ class OnPolicyDistiller:
         self.teacher_head = teacher.lm_head_weight() if mesh is None else nnx.merge(
             self.t_graphdef, t_state).lm_head_weight()
         self._score = jax.jit(teacher_score_fn, static_argnames=("graphdef", "t", "chunk_size", "with_pixelated",
-                                                                  "kl_temperature"))
+                                                                  "kl_temperature", "vocab_size", "logprobs_only"))
         self._student_rope, self._teacher_rope = rope_index_fn(student_template), rope_index_fn(teacher)
         self._special = tuple(sorted(set(special_ids(student_template)) | set(special_ids(teacher))))
 
@@ -304,11 +386,19 @@ class OnPolicyDistiller:
     def build_batch(self, prompts: Mapping[str, Any], completion: np.ndarray, lengths: np.ndarray,
                     ) -> dict[str, np.ndarray]:
         """Host side: repeated prompts + completions -> the per-sample train batch (NumPy)."""
+        teacher_prompts = None
+        if self.cfg.teacher_prompt is not None:
+            if "teacher_input_ids" not in prompts:
+                raise ValueError(f"distill.privileged={self.cfg.teacher_prompt} needs the privileged teacher prompts "
+                                 "(teacher_input_ids): use data.source=records (the stage sets data.pipeline.with_hint)")
+            teacher_prompts = {"input_ids": prompts["teacher_input_ids"],
+                               "attention_mask": prompts["teacher_attention_mask"]}
         return assemble_batch(prompts, completion, lengths, rollouts_per_prompt=self.cfg.rollouts_per_prompt,
                               rope_fn=self._student_rope, teacher_rope_fn=self._teacher_rope,
                               pad_id=self.cfg.pad_id, completion_bucket=self.cfg.completion_bucket,
                               prompt_bucket=self.cfg.prompt_bucket,
-                              image_token_id=getattr(self.student.config, "image_token_id", None))
+                              image_token_id=getattr(self.student.config, "image_token_id", None),
+                              teacher_prompts=teacher_prompts)
 
     def score(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         cfg = self.cfg
@@ -317,7 +407,8 @@ class OnPolicyDistiller:
             raise ValueError("va_opd needs images: the prompt batch has no 'pixel_values_pixelated' "
                              "(the pixelated view of each image, same grid)")
         return self._score(self.t_graphdef, self.t_state, batch, t=int(batch["completion"].shape[1]),
-                           chunk_size=cfg.chunk_size, with_pixelated=va, kl_temperature=cfg.kl_temperature)
+                           chunk_size=cfg.chunk_size, with_pixelated=va, kl_temperature=cfg.kl_temperature,
+                           vocab_size=cfg.vocab_size, logprobs_only=cfg.mode == "vicur")
 
     # -- the producer the loop calls --------------------------------------------------------
     def produce(self, state: TrainState, step: int) -> StepInput:
@@ -329,19 +420,27 @@ class OnPolicyDistiller:
         completion, lengths = self._rollout(prompts, state, step, off_policy)
         completion = np.asarray(completion)
         lengths, n_cut = cut_at_special(completion, lengths, self._special)
+        lengths, n_padded = cut_at_padded_ids(completion, lengths, cfg.vocab_size)
         host = self.build_batch(prompts, completion, lengths)
+        rows = host["completion_mask"].shape[0]
+        host["batch_tokens"] = np.full((rows,), host["completion_mask"].sum(), np.float32)
+        host["batch_rows"] = np.full((rows,), rows, np.float32)
         t1 = time.perf_counter()
         dev = self._put(host)
         scores = self.score(dev)
         jax.block_until_ready(scores)
         t2 = time.perf_counter()
         train = student_view(dev)
-        train["teacher_hidden"] = scores["teacher_hidden"]
+        if "teacher_hidden" in scores:
+            train["teacher_hidden"] = scores["teacher_hidden"]
+        if cfg.mode == "vicur":
+            train["teacher_logprob"] = scores["teacher_logprob"]
         stats = {
             "rollout/mean_length": float(np.mean(lengths)),
             "rollout/max_length": float(np.max(lengths)),
             "rollout/off_policy": float(off_policy),
             "rollout/cut_at_special": float(n_cut),
+            "rollout/cut_at_padded_id": float(n_padded),
         }
         if "va" in scores:
             train["teacher_logprob"] = scores["teacher_logprob"]
@@ -361,11 +460,13 @@ def heldout_reverse_kl(distiller: OnPolicyDistiller, state: TrainState, prompts:
     completion, lengths = distiller._rollout(prompts, state, 10_000_000 + seed, off_policy=False)
     completion = np.asarray(completion)
     lengths, _ = cut_at_special(completion, lengths, distiller._special)
+    lengths, _ = cut_at_padded_ids(completion, lengths, cfg.vocab_size)
     host = distiller.build_batch(prompts, completion, lengths)
     dev = distiller._put(host)
     teacher_hidden = distiller._score(distiller.t_graphdef, distiller.t_state, dev,
                                       t=int(dev["completion"].shape[1]), chunk_size=cfg.chunk_size,
-                                      with_pixelated=False, kl_temperature=cfg.kl_temperature)["teacher_hidden"]
+                                      with_pixelated=False, kl_temperature=cfg.kl_temperature,
+                                      vocab_size=cfg.vocab_size)["teacher_hidden"]
     train = student_view(dev)
     train["teacher_hidden"] = teacher_hidden
     loss_fn = make_distill_loss(dataclasses.replace(cfg, mode="reverse_kl"))

@@ -79,9 +79,9 @@ def build_model(spec: DistillModelSpec, *, role: str, mesh=None, dtype: str | No
 # ----------------------------------------------------------------------------- data
 
 
-STAGE_SET = ("batch_size", "num_epochs", "drop_remainder", "with_pixelated")
+STAGE_SET = ("batch_size", "num_epochs", "drop_remainder", "with_pixelated", "with_hint", "privileged")
 """PipelineConfig fields the distill stage sets itself (data.batch_size, endless epochs, whole
-batches, pixelated views for va_opd)."""
+batches, pixelated views for va_opd, ViCuR's privileged teacher prompts from distill.privileged)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +125,7 @@ class DataConfig:
         for name in STAGE_SET:
             check(getattr(self.pipeline, name) == getattr(default, name), "pipeline",
                   f"{name} is set by the distill stage (data.batch_size, endless epochs, whole batches, "
-                  "pixelated views for va_opd); leave it out")
+                  "pixelated views for va_opd, privileged teacher prompts from distill.privileged); leave it out")
 
     def input_paths(self) -> dict[str, str]:
         """The files this source reads (for a run directory's content fingerprints)."""
@@ -150,8 +150,14 @@ class PromptSource(NamedTuple):
     tokenizer: Any = None
 
 
-def prompt_source(data: DataConfig, student_config, *, mode: str = "reverse_kl") -> PromptSource:
-    """Open ``data`` (``mode``: the distill mode; ``va_opd`` adds pixelated views of the images)."""
+def prompt_source(data: DataConfig, student_config, *, mode: str = "reverse_kl",
+                  teacher_prompt: Literal["hint", "answer"] | None = None) -> PromptSource:
+    """Open ``data`` (``mode``: the distill mode; ``va_opd`` adds pixelated views of the images;
+    ``teacher_prompt``: ViCuR's privileged teacher prompts, the record's hint or reference answer;
+    records without one are skipped and counted, or an error with ``data.pipeline.on_error=raise``)."""
+    if teacher_prompt is not None and data.source != "records":
+        raise ValueError(f"distill.privileged={teacher_prompt} needs prompt records (data.source=records, whose "
+                         f"records carry cues.hint / answer), not data.source={data.source}")
     if data.source == "synthetic":
         from jdelta.distill.synthetic import SyntheticPromptIterator
 
@@ -166,7 +172,7 @@ def prompt_source(data: DataConfig, student_config, *, mode: str = "reverse_kl")
 
     tok = load_tokenizer(data.tokenizer)
     sp = SpecialTokens.from_tokenizer(tok)
-    pcfg = pipeline_for(data, student_config, with_pixelated=mode == "va_opd")
+    pcfg = pipeline_for(data, student_config, with_pixelated=mode == "va_opd", teacher_prompt=teacher_prompt)
     if data.source == "sample_output":
         from jdelta.distill.sft import sample_sft_batches
 
@@ -180,14 +186,17 @@ def prompt_source(data: DataConfig, student_config, *, mode: str = "reverse_kl")
     return PromptSource(it, it, tuple(sp.stop_ids), int(sp.pad), tok)
 
 
-def pipeline_for(data: DataConfig, student_config, *, with_pixelated: bool) -> PipelineConfig:
+def pipeline_for(data: DataConfig, student_config, *, with_pixelated: bool,
+                 teacher_prompt: Literal["hint", "answer"] | None = None) -> PipelineConfig:
     """``data.pipeline`` for an endless stream of whole ``data.batch_size`` batches; the image
-    settings default to the student's patch layout."""
+    settings default to the student's patch layout; ``teacher_prompt``: also the privileged
+    teacher prompts (``with_hint``, ``privileged``)."""
     from jdelta.data.image_processor import ImageConfig
     from jdelta.models.loading import image_config_for
 
     pcfg = dataclasses.replace(data.pipeline, batch_size=data.batch_size, num_epochs=None, drop_remainder=True,
-                               with_pixelated=with_pixelated)
+                               with_pixelated=with_pixelated, with_hint=teacher_prompt is not None,
+                               privileged=teacher_prompt or "hint")
     if pcfg.image == ImageConfig():
         pcfg = dataclasses.replace(pcfg, image=image_config_for(student_config))
     return pcfg

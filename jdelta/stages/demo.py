@@ -170,7 +170,7 @@ def summary_markdown(rows: list[tuple[str, Path, dict]], out: Path, distilled: d
 def run_demo(cfg: Config) -> dict[str, Any]:
     """The demo as a function: ``{"rows": [(name, run dir, score manifest)], "distill": summary | None,
     "seconds": {...}}``."""
-    from jdelta.data.records import read_jsonl as read_records
+    from jdelta.data.records import read_records_jsonl as read_records
     from jdelta.data.records import write_jsonl
     from jdelta.models.loading import ModelSession
 

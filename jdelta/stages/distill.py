@@ -1,6 +1,11 @@
-"""On-policy distillation (reverse KL / GKD / VA-OPD) or SFT of a student, resumable from Orbax checkpoints.
+"""On-policy distillation (reverse KL / GKD / VA-OPD / ViCuR) or SFT of a student, resumable from Orbax checkpoints.
 
 ``jdelta distill --config configs/distill_demo.yaml train.steps=20 distill.mode=reverse_kl``
+
+ViCuR (``distill.mode=vicur``): the teacher sees ``distill.privileged`` (the records' hint, their
+reference answer, or nothing extra); ``distill.cue_recovery`` gives the student the cue-recovery
+module (saved in checkpoints, exported beside the plain student); without a ``teacher`` the teacher
+is the student's initial weights (self-distillation).
 
 Sections: ``run_dir``; ``method`` (on_policy | sft); ``student`` / ``teacher``: ``{path: HF checkpoint
 dir, dtype, remat_policy, attention_impl}`` or ``{random: {hidden, layers, vocab, seed, logit_scale}}``;
@@ -106,7 +111,9 @@ class Config:
 
     def __post_init__(self):
         if self.method == "on_policy":
-            check(self.teacher is not None, "teacher", "method=on_policy needs a teacher (path or random)")
+            check(self.teacher is not None or self.distill.mode == "vicur", "teacher",
+                  "method=on_policy needs a teacher (path or random); only distill.mode=vicur runs without one "
+                  "(self-distillation from the student's initial weights)")
             check(self.data.source in ("synthetic", "records"), "method",
                   f"data.source={self.data.source} holds teacher-written responses: use method=sft")
         else:
@@ -178,7 +185,15 @@ def train(cfg: Config) -> Trained:
                 ignore=RESUMABLE_CHANGES) as run:
         mesh = cfg.mesh.make()
         student, student_cfg = build_model(cfg.student, role="student", mesh=mesh, dtype=cfg.dtype)
-        source = prompt_source(cfg.data, student_cfg, mode=cfg.distill.mode)
+        vicur = on_policy and cfg.distill.mode == "vicur"
+        source = prompt_source(cfg.data, student_cfg, mode=cfg.distill.mode,
+                               teacher_prompt=cfg.distill.teacher_prompt if on_policy else None)
+        if vicur:
+            from jdelta.distill.vicur import self_teacher, with_cue_recovery
+
+            own_teacher = self_teacher(student) if teacher_spec is None else None  # before the module
+            if cfg.distill.cue_recovery:
+                with_cue_recovery(student, cfg.distill.cue, sink_token_id=sink_token_of(source.tokenizer))
         ocfg = cfg.optimizer
         if ocfg.total_steps is None:
             ocfg = dataclasses.replace(ocfg, total_steps=cfg.train.steps)
@@ -188,9 +203,13 @@ def train(cfg: Config) -> Trained:
         if on_policy:
             from jdelta.distill.on_policy import OnPolicyDistiller, make_distill_loss
 
-            teacher, teacher_cfg = build_model(teacher_spec, role="teacher", mesh=mesh, dtype=cfg.dtype)
+            if vicur and own_teacher is not None:
+                teacher, teacher_cfg = own_teacher, student_cfg
+            else:
+                teacher, teacher_cfg = build_model(teacher_spec, role="teacher", mesh=mesh, dtype=cfg.dtype)
             check_pair(teacher_cfg, student_cfg)
-            dcfg = cfg.distill.resolved(source.stop_ids, source.pad_id)
+            dcfg = cfg.distill.resolved(source.stop_ids, source.pad_id,
+                                        None if source.tokenizer is None else len(source.tokenizer))
             producer = OnPolicyDistiller(state.model(), teacher, dcfg, source.batches, mesh=mesh)
             loss_fn = make_distill_loss(dcfg)
         else:
@@ -232,6 +251,15 @@ def train(cfg: Config) -> Trained:
                               else {})},
                    complete=not result.preempted)
     return Trained(result.state, summary)
+
+
+def sink_token_of(tokenizer) -> int | None:
+    """The tokenizer's ``<|im_start|>`` id (the cue-recovery module's sink), or None without a tokenizer."""
+    if tokenizer is None:
+        return None
+    from jdelta.data.tokenizer import SpecialTokens
+
+    return SpecialTokens.from_tokenizer(tokenizer).im_start
 
 
 def run(cfg: Config) -> int:

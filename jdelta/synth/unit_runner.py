@@ -14,14 +14,12 @@ Outputs depend only on the unit's inputs and a seed derived from (run seed, stag
 on which process ran it or how often the run was interrupted, so a resumed or sharded run gives
 the same bytes as an uninterrupted single-process run.
 
-:func:`open_run_dir` gives the run directory: :class:`jdelta.runs.RunDir` (an exclusive lock) for
-one process; :class:`SharedRunDir` for one of ``P > 1`` processes sharing it (see there).
+:func:`open_run_dir` gives the run directory: a :class:`jdelta.runs.RunDir`, shared between the
+processes when ``P > 1`` (see there for the locks).
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -31,8 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from jdelta.errors import RunDirError
-from jdelta.runs import LOCK, MANIFEST, RunDir, dumps_jsonl, read_json, read_jsonl, write_atomic, write_json
+from jdelta.runs import RunDir, dumps_jsonl, read_json, read_jsonl, write_atomic, write_json
 
 DONE = "DONE.json"
 
@@ -193,124 +190,10 @@ def stage_outputs(stage_dir: str | os.PathLike) -> list[dict]:
 
 def open_run_dir(path: str | os.PathLike, stage: str, *, config: Mapping[str, Any], inputs: Mapping[str, Any],
                  overwrite: bool = False, ignore: Sequence[str] = (), process_index: int = 0,
-                 num_processes: int = 1) -> RunDir | SharedRunDir:
-    """The run directory of one process: a :class:`~jdelta.runs.RunDir` (exclusive lock) when it
-    runs alone, a :class:`SharedRunDir` when it is one of ``num_processes > 1``. Use as a context
-    manager. ``ignore``: dotted config keys that may differ from the previous run's."""
-    if not 0 <= process_index < num_processes:
-        raise RunDirError(f"process index {process_index} not in [0, {num_processes})")
-    if num_processes == 1:
-        return RunDir(path, stage, config=config, inputs=inputs, overwrite=overwrite, ignore=ignore)
-    if overwrite:
-        raise RunDirError("overwrite needs num_processes=1: it discards files that the other processes are writing")
-    return SharedRunDir(path, stage, config=config, inputs=inputs, ignore=ignore, process_index=process_index,
-                        num_processes=num_processes)
+                 num_processes: int = 1) -> RunDir:
+    """The run directory of process ``process_index`` of ``num_processes`` (a
+    :class:`~jdelta.runs.RunDir`, shared between the processes when ``num_processes > 1``). Use as
+    a context manager. ``ignore``: dotted config keys that may differ from the previous run's."""
+    return RunDir(path, stage, config=config, inputs=inputs, overwrite=overwrite, ignore=ignore,
+                  process_index=process_index, num_processes=num_processes)
 
-
-class SharedRunDir:
-    """The run directory as seen by process ``i`` of ``P > 1`` that share it; the API of
-    :class:`~jdelta.runs.RunDir` (``commit``, ``update``, ``manifest``, ``resumed``).
-
-    Locks: :class:`~jdelta.runs.RunDir`'s exclusive lock would refuse the sibling processes, so
-    each takes a *shared* flock on the same lock file (a single-process run and a sharded one
-    refuse each other) and an exclusive one on ``.lock-process-<i>`` (two processes with the same
-    index are refused). Reuse: a previous manifest with another config or other inputs is refused
-    naming the differing keys; it binds nothing only while uncommitted and no stage output exists.
-    There is no ``overwrite`` (it would discard files the siblings are writing). Every process
-    rewrites the manifest with what it knows; ``committed`` stays true once any process set it.
-    """
-
-    def __init__(self, path: str | os.PathLike, stage: str, *, config: Mapping[str, Any],
-                 inputs: Mapping[str, Any] | None = None, ignore: Sequence[str] = (), process_index: int,
-                 num_processes: int):
-        self.path = Path(path)
-        self.ignore = tuple(ignore)
-        self.stage = stage
-        self.config = dict(config)
-        self.inputs = dict(inputs or {})
-        self.process_index, self.num_processes = int(process_index), int(num_processes)
-        self.manifest: dict[str, Any] = {}
-        self.resumed = False
-        self._fds: list[int] = []
-
-    def __enter__(self) -> SharedRunDir:
-        self.open()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def open(self) -> None:
-        if self.path.exists() and not self.path.is_dir():
-            raise RunDirError(f"{self.path} exists and is not a directory")
-        self.path.mkdir(parents=True, exist_ok=True)
-        try:
-            self._flock(LOCK, fcntl.LOCK_SH, "a single-process jdelta run (num_processes=1)")
-            self._flock(f"{LOCK}-process-{self.process_index}", fcntl.LOCK_EX,
-                        f"another jdelta process with process_index={self.process_index}")
-            self._check_previous()
-            self.manifest = {"stage": self.stage, "config": self.config, "inputs": self.inputs,
-                             "committed": self.resumed, "complete": False, "started": _now(),
-                             "num_processes": self.num_processes}
-            write_json(self.path / MANIFEST, self.manifest)
-        except BaseException:
-            self.close()
-            raise
-
-    def close(self) -> None:
-        while self._fds:
-            fd = self._fds.pop()
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
-
-    def _flock(self, name: str, mode: int, holder: str) -> None:
-        fd = os.open(self.path / name, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, mode | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                raise RunDirError(f"{self.path} is in use by {holder}; wait for it to finish or use another "
-                                  "output directory") from None
-            raise
-        self._fds.append(fd)
-
-    def _check_previous(self) -> None:
-        others = [p.name for p in self.path.iterdir() if not p.name.startswith(LOCK) and p.name != MANIFEST]
-        mp = self.path / MANIFEST
-        if not mp.is_file():
-            if others:
-                raise RunDirError(f"{self.path} is not empty and holds no jdelta manifest; use another output directory")
-            return
-        old = read_json(mp)
-        if old.get("stage") != self.stage:
-            raise RunDirError(f"{self.path} holds a {old.get('stage')!r} run, not {self.stage!r}; use another "
-                              "output directory")
-        diffs = RunDir(self.path, self.stage, config=self.config, inputs=self.inputs, ignore=self.ignore).differences(old)
-        if diffs and (old.get("committed") or others):
-            shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
-            raise RunDirError(f"{self.path} holds a {self.stage} run with other settings: {shown}; rerun with the "
-                              "same settings to resume, or use another output directory (or one process with "
-                              "overwrite=true)")
-        self.resumed = bool(old.get("committed")) and not diffs
-
-    def commit(self) -> None:
-        if not self.manifest.get("committed"):
-            self.update(committed=True)
-
-    def update(self, **fields: Any) -> dict[str, Any]:
-        """Merge ``fields`` into this process's manifest and rewrite it atomically."""
-        self.manifest.update(fields)
-        if fields.get("complete"):
-            self.manifest.setdefault("finished", _now())
-        mp = self.path / MANIFEST
-        if not self.manifest.get("committed") and mp.is_file() and read_json(mp).get("committed"):
-            self.manifest["committed"] = True  # a sibling committed: never unbind the directory
-        if self.manifest.get("complete"):
-            self.manifest["committed"] = True
-        write_json(mp, self.manifest)
-        return self.manifest
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
