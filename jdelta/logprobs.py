@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from jdelta.chunking import from_chunks, to_chunks
 from jdelta.sharding import Rules, activation_sharding, state_shardings
 
 
@@ -80,20 +81,14 @@ def chunked_token_logprobs(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0 for scoring, got {temperature}")
-    b, t, h = hidden.shape
+    t = hidden.shape[1]
     v = lm_head.shape[1]
     if top_k > v:
         raise ValueError(f"top_k={top_k} exceeds the vocabulary size {v}")
     chunk_size = min(chunk_size, t)
-    n_chunks = -(-t // chunk_size)
-    pad = n_chunks * chunk_size - t
-    targets = targets.astype(jnp.int32)
-    if pad:
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets = jnp.pad(targets, ((0, 0), (0, pad)))
     # [C, B, c, ...]: chunks first for lax.map.
-    h_chunks = hidden.reshape(b, n_chunks, chunk_size, h).transpose(1, 0, 2, 3)
-    t_chunks = targets.reshape(b, n_chunks, chunk_size).transpose(1, 0, 2)
+    h_chunks = to_chunks(hidden, chunk_size)
+    t_chunks = to_chunks(targets.astype(jnp.int32), chunk_size)
     inv_t = jnp.float32(1.0 / temperature)
 
     @jax.checkpoint  # differentiable with the same peak: the backward recomputes one chunk's logits
@@ -117,8 +112,7 @@ def chunked_token_logprobs(
     res = jax.lax.map(one, (h_chunks, t_chunks))
 
     def unchunk(x):  # [C, B, c, ...] -> [B, T, ...]
-        x = jnp.moveaxis(x, 0, 1).reshape((b, n_chunks * chunk_size) + x.shape[3:])
-        return x[:, :t]
+        return from_chunks(x, t)
 
     m = None if mask is None else mask.astype(bool)
 

@@ -411,6 +411,25 @@ class OnPolicyDistiller:
                            vocab_size=cfg.vocab_size, logprobs_only=cfg.mode == "vicur")
 
     # -- the producer the loop calls --------------------------------------------------------
+    def train_batch(self, prompts: Mapping[str, Any], completion: np.ndarray, lengths: np.ndarray,
+                    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, np.ndarray]]:
+        """Completions of ``prompts`` -> ``(train batch, teacher scores, host batch)``: assembled,
+        scored by the teacher, reduced to what the student's train step reads."""
+        host = self.build_batch(prompts, completion, lengths)
+        rows = host["completion_mask"].shape[0]
+        host["batch_tokens"] = np.full((rows,), host["completion_mask"].sum(), np.float32)
+        host["batch_rows"] = np.full((rows,), rows, np.float32)
+        dev = self._put(host)
+        scores = self.score(dev)
+        train = student_view(dev)
+        if "teacher_hidden" in scores:
+            train["teacher_hidden"] = scores["teacher_hidden"]
+        if "teacher_logprob" in scores:  # va_opd, vicur
+            train["teacher_logprob"] = scores["teacher_logprob"]
+        if "teacher_logprob_pixelated" in scores:
+            train["teacher_logprob_pixelated"] = scores["teacher_logprob_pixelated"]
+        return train, scores, host
+
     def produce(self, state: TrainState, step: int) -> StepInput:
         cfg = self.cfg
         t0 = time.perf_counter()
@@ -421,20 +440,10 @@ class OnPolicyDistiller:
         completion = np.asarray(completion)
         lengths, n_cut = cut_at_special(completion, lengths, self._special)
         lengths, n_padded = cut_at_padded_ids(completion, lengths, cfg.vocab_size)
-        host = self.build_batch(prompts, completion, lengths)
-        rows = host["completion_mask"].shape[0]
-        host["batch_tokens"] = np.full((rows,), host["completion_mask"].sum(), np.float32)
-        host["batch_rows"] = np.full((rows,), rows, np.float32)
         t1 = time.perf_counter()
-        dev = self._put(host)
-        scores = self.score(dev)
+        train, scores, host = self.train_batch(prompts, completion, lengths)
         jax.block_until_ready(scores)
         t2 = time.perf_counter()
-        train = student_view(dev)
-        if "teacher_hidden" in scores:
-            train["teacher_hidden"] = scores["teacher_hidden"]
-        if cfg.mode == "vicur":
-            train["teacher_logprob"] = scores["teacher_logprob"]
         stats = {
             "rollout/mean_length": float(np.mean(lengths)),
             "rollout/max_length": float(np.max(lengths)),
@@ -443,8 +452,6 @@ class OnPolicyDistiller:
             "rollout/cut_at_padded_id": float(n_padded),
         }
         if "va" in scores:
-            train["teacher_logprob"] = scores["teacher_logprob"]
-            train["teacher_logprob_pixelated"] = scores["teacher_logprob_pixelated"]
             va = np.asarray(scores["va"])[host["completion_mask"].astype(bool)]
             stats["va/max"] = float(va.max()) if va.size else 0.0
         tokens = int(host["attention_mask"].sum())

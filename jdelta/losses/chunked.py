@@ -24,6 +24,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jdelta.chunking import from_chunks, to_chunks
 from jdelta.losses.token_divergence import (
     DIVERGENCE_KINDS,
     check_same_vocab,
@@ -34,23 +35,6 @@ from jdelta.losses.token_divergence import (
 
 def _logits(hidden: jax.Array, lm_head: jax.Array) -> jax.Array:
     return jnp.einsum("bch,hv->bcv", hidden, lm_head, preferred_element_type=jnp.float32)
-
-
-def _to_chunks(x: jax.Array, chunk_size: int) -> jax.Array:
-    """``[B, T, ...] -> [n_chunks, B, chunk_size, ...]`` (T zero-padded up to a multiple)."""
-    b, t = x.shape[:2]
-    n = -(-t // chunk_size)
-    pad = n * chunk_size - t
-    if pad:
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-    x = x.reshape((b, n, chunk_size) + x.shape[2:])
-    return jnp.moveaxis(x, 1, 0)
-
-
-def _from_chunks(y: jax.Array, t: int) -> jax.Array:
-    """``[n_chunks, B, chunk_size] -> [B, T]``."""
-    n, b, c = y.shape
-    return jnp.moveaxis(y, 0, 1).reshape(b, n * c)[:, :t]
 
 
 def _check_hidden(name: str, hidden: jax.Array, lm_head: jax.Array) -> None:
@@ -146,22 +130,22 @@ def _fused_divergence(sh, sw, th, tw, *, kind, beta, temperature, vocab_size, ch
         return f.sum(-1), jnp.stack([ms, zs, mt, zt], -1), df.sum(-1)
 
     def forward(sh, sw, th, tw):
-        c_sh, c_th = _to_chunks(sh, chunk_size), _to_chunks(th, chunk_size)
+        c_sh, c_th = to_chunks(sh, chunk_size), to_chunks(th, chunk_size)
         div, norm, s_sum = jax.lax.map(lambda c: stats_chunk(c[0], c[1], sw, tw), (c_sh, c_th))
         return div, (norm, s_sum)  # chunked layout [n, B, c, (4)]
 
     @jax.custom_vjp
     def f(sh, sw, th, tw):
-        return _from_chunks(forward(sh, sw, th, tw)[0], t)
+        return from_chunks(forward(sh, sw, th, tw)[0], t)
 
     def f_fwd(sh, sw, th, tw):
         div, st = forward(sh, sw, th, tw)
-        return _from_chunks(div, t), (sh, sw, th, tw, st)
+        return from_chunks(div, t), (sh, sw, th, tw, st)
 
     def f_bwd(res, ct):
         sh, sw, th, tw, (norm, s_sum) = res
-        c_sh, c_th = _to_chunks(sh, chunk_size), _to_chunks(th, chunk_size)
-        c_ct = _to_chunks(ct.astype(jnp.float32)[..., None], chunk_size)[..., 0]
+        c_sh, c_th = to_chunks(sh, chunk_size), to_chunks(th, chunk_size)
+        c_ct = to_chunks(ct.astype(jnp.float32)[..., None], chunk_size)[..., 0]
         sw3 = sw.reshape(sw.shape[0], vt, n_tiles)
         tw3 = tw.reshape(tw.shape[0], vt, n_tiles)
 
@@ -295,9 +279,9 @@ def chunked_token_divergence(
             vocab_size=vocab_size,
         )
 
-    xs = (_to_chunks(student_hidden, chunk_size), _to_chunks(teacher_hidden, chunk_size))
+    xs = (to_chunks(student_hidden, chunk_size), to_chunks(teacher_hidden, chunk_size))
     out = jax.lax.map(lambda c: one_chunk(c[0], c[1], student_lm_head, teacher_lm_head), xs)
-    return _apply_mask(_from_chunks(out, t), mask)
+    return _apply_mask(from_chunks(out, t), mask)
 
 
 def chunked_topk_forward_kl(
@@ -338,9 +322,9 @@ def chunked_topk_forward_kl(
         return topk_forward_kl(_logits(s_h, s_w), lp, ids, temperature=temperature, vocab_size=vocab_size)
 
     xs = (
-        _to_chunks(student_hidden, chunk_size),
-        _to_chunks(jax.lax.stop_gradient(teacher_topk_logprobs), chunk_size),
-        _to_chunks(teacher_topk_ids, chunk_size),
+        to_chunks(student_hidden, chunk_size),
+        to_chunks(jax.lax.stop_gradient(teacher_topk_logprobs), chunk_size),
+        to_chunks(teacher_topk_ids, chunk_size),
     )
     out = jax.lax.map(lambda c: one_chunk(c[0], c[1], c[2], student_lm_head), xs)
-    return _apply_mask(_from_chunks(out, t), mask)
+    return _apply_mask(from_chunks(out, t), mask)
