@@ -652,9 +652,6 @@ class Sampler:
         )
 
 
-_SAMPLERS: dict[tuple, Sampler] = {}
-
-
 def generate(
     model: nnx.Module,
     batch: Mapping[str, Any],
@@ -664,12 +661,8 @@ def generate(
     mesh: Mesh | None = None,
     **sampler_kwargs: Any,
 ) -> GenerationResult:
-    """Sample ``params.n`` completions per prompt (see the module docstring and :class:`Sampler`).
-
-    A :class:`Sampler` per (model, mesh) is kept so repeated calls reuse compiled programs.
+    """Sample ``params.n`` completions per prompt with a one-off :class:`Sampler` (see the module
+    docstring). Keep a :class:`Sampler` (or a :class:`jdelta.models.loading.ModelSession`) to reuse
+    compiled programs across calls; there is no process-wide cache.
     """
-    key = (id(model), id(mesh), tuple(sorted((k, id(v)) for k, v in sampler_kwargs.items())))
-    sampler = _SAMPLERS.get(key)
-    if sampler is None or sampler.model is not model:
-        sampler = _SAMPLERS[key] = Sampler(model, mesh=mesh, **sampler_kwargs)
-    return sampler.generate(batch, params, rng=rng)
+    return Sampler(model, mesh=mesh, **sampler_kwargs).generate(batch, params, rng=rng)
