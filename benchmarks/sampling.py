@@ -7,7 +7,7 @@ generated per sample (no stop ids, so every row generates them all).
 
 Prints a table: output tokens/s, prefill tokens/s, decode step time, compile count and time,
 transformers' tokens/s and the ratio. ``--gpu-bound`` adds the decode step against the HBM
-bound ((decoder weight bytes + live KV bytes) / bandwidth).
+bound: (decoder weights + LM head once + B embedding rows + live KV) / bandwidth (``bounds.py``).
 
     python benchmarks/sampling.py                      # ~100M-param config, batch 16, 128+64 tokens
     python benchmarks/sampling.py --preset 2b --dtype bfloat16 --batch 64 --no-hf --gpu-bound
@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bounds  # noqa: E402  (benchmarks/bounds.py)
 
 PRESETS = {
     # ~100M parameters with the real vocabulary (the tied embedding is 78M of it).
@@ -33,7 +37,6 @@ PRESETS = {
                  vision_depth=2, vision_hidden=32, vision_heads=2, vision_intermediate=64, deepstack=(0, 1)),
 }
 IMG, VIDEO, VSTART, VEND = 151655, 151656, 151652, 151653
-HBM_GBPS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0}
 
 
 def hf_config(p: dict):
@@ -74,6 +77,33 @@ def make_inputs(batch: int, prompt_len: int, grid: tuple[int, int, int], ids: tu
             "image_grid_thw": grids}
 
 
+def decode_bound(model, config, *, rows: int, live_len: float, dtype: str, device: str, hbm_gbps: float | None,
+                 step_ms: float) -> dict:
+    """The decode step's HBM bound (see ``bounds.py``): decoder weights + the LM head once + ``rows``
+    embedding rows + the live KV cache of ``rows`` rows x ``live_len`` slots, over the bandwidth."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    def nbytes(tree):
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+    t = config.text
+    embed = model.language_model.embed_tokens.get_value()
+    decoder_bytes = nbytes(nnx.state(model.language_model)) - embed.size * embed.dtype.itemsize
+    head_bytes = embed.size * embed.dtype.itemsize if config.tie_word_embeddings else nbytes(nnx.state(model.lm_head))
+    live_kv = bounds.kv_bytes(layers=t.num_hidden_layers, rows=rows, length=live_len, kv_heads=t.num_key_value_heads,
+                              head_dim=t.head_dim, itemsize=jnp.dtype(dtype).itemsize)
+    total = bounds.decode_step_bytes(decoder_bytes=decoder_bytes, head_bytes=head_bytes, rows=rows,
+                                     hidden=t.hidden_size, embed_itemsize=embed.dtype.itemsize, live_kv_bytes=live_kv)
+    out = {"weight_gb": (total - live_kv) / 1e9, "kv_gb": live_kv / 1e9}
+    bw = bounds.bandwidth_gbps(device, hbm_gbps)
+    if bw:
+        bound_ms = 1e3 * total / (bw * 1e9)
+        out["bound_ms"], out["bound_pct"] = bound_ms, 100 * bound_ms / step_ms
+    return out
+
+
 def run_jdelta(path, inputs, args, image_token):
     import jax
 
@@ -110,25 +140,9 @@ def run_jdelta(path, inputs, args, image_token):
         "tokens": first.tokens,
     }
     if args.gpu_bound:
-        import jax.numpy as jnp
-        from flax import nnx
-
-        state = nnx.state(model.language_model)
-        weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
-        t = config.text
-        if config.tie_word_embeddings:  # the head reads the embedding matrix again
-            weight_bytes += t.vocab_size * t.hidden_size * jnp.dtype(args.dtype).itemsize
-        else:
-            weight_bytes += sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model.lm_head)))
-        rows = inputs["input_ids"].shape[0] * args.n
-        avg_len = best["padded_prompt_len"] + args.new_tokens / 2
-        kv_bytes = 2 * t.num_hidden_layers * rows * avg_len * t.num_key_value_heads * t.head_dim * \
-            jnp.dtype(args.dtype).itemsize
-        bw = args.hbm_gbps or next((v for k, v in HBM_GBPS.items() if k in out["device"]), None)
-        out["weight_gb"], out["kv_gb"] = weight_bytes / 1e9, kv_bytes / 1e9
-        if bw:
-            bound_ms = 1e3 * (weight_bytes + kv_bytes) / (bw * 1e9)
-            out["bound_ms"], out["bound_pct"] = bound_ms, 100 * bound_ms / out["decode_step_ms"]
+        out.update(decode_bound(model, config, rows=inputs["input_ids"].shape[0] * args.n,
+                                live_len=best["padded_prompt_len"] + args.new_tokens / 2, dtype=args.dtype,
+                                device=out["device"], hbm_gbps=args.hbm_gbps, step_ms=out["decode_step_ms"]))
     return out
 
 

@@ -6,8 +6,10 @@ the last ``--completion`` positions from both models' hidden states and LM heads
 update with global-norm clipping. The teacher's hidden states are random (its forward is
 the scoring phase, not the step); its LM head is ``[--teacher-hidden, V]``.
 
-FLOPs follow MaxText's convention: ``6 * matmul_params * tokens`` (decoder projections and
-the LM head; embeddings and norms excluded; text tokens only) plus the causal attention term
+FLOPs follow MaxText's convention (``bounds.train_step_flops``): ``6 * (decoder matmul params
+* B * S + LM head params * B * T)`` (decoder projections over all ``S`` positions; the student's
+LM head only over the ``T`` completion positions, where the chunked KL runs it; embeddings and
+norms excluded; text tokens only) plus the causal attention term
 ``3 * 2 * B * S^2 * heads * head_dim * layers`` (non-causal 4 B S^2 h d, halved for causal,
 x3 for forward + backward). The KL's extra teacher-head matmul is not counted (as MaxText
 counts only the trained model), so MFU is slightly understated. MFU = FLOPs / time / peak,
@@ -24,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 
 import jax
@@ -37,8 +41,8 @@ from jdelta.distill.train_state import OptimizerConfig, TrainState, make_optimiz
 from jdelta.losses import opd_loss, token_divergence
 from jdelta.models.qwen3_vl import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12,
-             "TPU v4": 275e12}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bounds  # noqa: E402  (benchmarks/bounds.py)
 
 TINY = {"model_type": "qwen3_vl", "tie_word_embeddings": True,
         "text_config": {"vocab_size": 151936, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
@@ -59,14 +63,15 @@ def load_config(size: str, dtype: str, remat: str, attention: str) -> Qwen3VLCon
                                       attention_impl=attention)
 
 
-def matmul_params(model: nnx.Module) -> int:
-    """Decoder projection kernels + the LM head (tied or not): the 6N of 6ND."""
+def matmul_params(model: nnx.Module) -> tuple[int, int]:
+    """``(decoder projection kernels, LM head [H, V] (tied or not))``: the N of 6ND, split because
+    the head runs on the completion positions only."""
     n = 0
     for path, v in nnx.to_flat_state(nnx.state(model.language_model, nnx.Param)):
         name = "/".join(str(p) for p in path)
         if v.get_value().ndim >= 2 and "embed" not in name:
             n += int(v.get_value().size)
-    return n + int(np.prod(model.lm_head_weight().shape))
+    return n, int(np.prod(model.lm_head_weight().shape))
 
 
 def naive_loss_fn(student, batch, rng, teacher_head):
@@ -101,7 +106,7 @@ def main() -> None:
     dev = jax.devices()[0]
     cfg = load_config(args.size, args.dtype, args.remat, args.attention)
     model = Qwen3VLForConditionalGeneration(cfg, rngs=nnx.Rngs(0))
-    n_mm = matmul_params(model)
+    n_dec, n_head = matmul_params(model)
     v = cfg.text.vocab_size
     b, s, t = args.batch, args.seq, args.completion
     rng = np.random.default_rng(0)
@@ -120,9 +125,11 @@ def main() -> None:
     tx = make_optimizer(ocfg)
     dcfg = DistillConfig(mode="reverse_kl", chunk_size=args.chunk)
     layers, h, d = cfg.text.num_hidden_layers, cfg.text.num_attention_heads, cfg.text.head_dim
-    flops = 6 * n_mm * b * s + 3 * 2 * b * s * s * h * d * layers
-    peak = next((p for k, p in PEAK_BF16.items() if k.lower() in dev.device_kind.lower()), None)
-    print(f"device {dev.device_kind} ({dev.platform}); Qwen3-VL {args.size}: {n_mm / 1e9:.3f} B matmul params, "
+    flops = bounds.train_step_flops(decoder_matmul_params=n_dec, head_params=n_head, batch=b, seq=s, completion=t,
+                                    heads=h, head_dim=d, layers=layers)
+    peak = bounds.peak_flops(dev.device_kind)
+    print(f"device {dev.device_kind} ({dev.platform}); Qwen3-VL {args.size}: {n_dec / 1e9:.3f} B decoder + "
+          f"{n_head / 1e9:.3f} B LM-head matmul params, "
           f"B={b} S={s} T={t} V={v} dtype={args.dtype} remat={args.remat} attention={args.attention}; "
           f"{flops / 1e12:.2f} TFLOP per step (MaxText convention)", flush=True)
 

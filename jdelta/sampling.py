@@ -12,9 +12,13 @@ The flow of :func:`generate` (and :class:`Sampler`, which keeps the compiled fun
    state and ``lm_head_weight()`` only (no ``[B, S, V]``). The cache, logits and rope
    deltas are then repeated ``n`` times along the batch (``jnp.repeat``): the n samples
    of a prompt share one prefill.
-4. **Decode** (one jit, cache donated): a single ``lax.while_loop`` samples a token per
+4. **Decode** (one jit, cache donated): a ``lax.while_loop`` samples a token per
    row, records it with its log-probs, and feeds it back; it stops when every row has
-   emitted a stop id or ``max_new_tokens`` tokens were produced.
+   emitted a stop id or ``max_new_tokens`` tokens were produced. With the default
+   :class:`DecodeOptions` the loop runs in segments whose steps attend over a prefix of the
+   cache just longer than its filled part (:mod:`jdelta.decode_attention`), and top-p finds
+   the nucleus among preselected candidates instead of sorting the vocabulary
+   (:mod:`jdelta.top_p`); both give the same samples as the plain forms.
 
 Randomness: row ``r`` (``= prompt * n + sample``) draws step ``t`` from
 ``fold_in(fold_in(rng, r), t)``, so a call is reproducible from its seed, rows are
@@ -31,7 +35,7 @@ import functools
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +44,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jdelta.buckets import bucket
+from jdelta.decode_attention import kv_segments, read_prefix, write_prefix
 from jdelta.sharding import Rules, activation_sharding, state_shardings
+from jdelta.top_p import apply_top_p as top_p_filter
+from jdelta.top_p import top_k_values
 
 NEG_INF = -jnp.inf
 
@@ -106,6 +113,48 @@ class SamplingParams:
             raise ValueError(f"top_k={self.top_k} exceeds the vocabulary size {vocab_size}")
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodeOptions:
+    """How the decode loop computes; none of it changes what is sampled (same tokens and
+    log-probs up to float rounding), only speed, compile time and memory.
+
+    Attributes:
+      attention: ``"bounded"``: the decode loop runs in segments whose steps attend over a
+        static prefix of the cache just longer than the filled part
+        (:mod:`jdelta.decode_attention`); ``"dense"``: every step attends over all cache slots.
+      kv_segment_min: the shortest prefix of the bounded decode (the others double from it).
+      kv_segment_max_fraction: the longest prefix, as a fraction of the cache (bounds the extra
+        memory of a segment's prefix copy: ``cache * (1 + fraction)``).
+      top_p_candidates: top-p finds the nucleus among this many preselected logits and falls
+        back to the full-vocabulary sort when a row's nucleus does not fit (``0``: always sort).
+      top_p_group: > 0: preselect per group of this many logits first (see :mod:`jdelta.top_p`).
+    """
+
+    attention: Literal["dense", "bounded"] = "bounded"
+    kv_segment_min: int = 256
+    kv_segment_max_fraction: float = 0.5
+    top_p_candidates: int = 1024
+    top_p_group: int = 0
+
+    def __post_init__(self):
+        if self.attention not in ("dense", "bounded"):
+            raise ValueError(f"DecodeOptions.attention must be 'dense' or 'bounded', got {self.attention!r}")
+        if self.kv_segment_min < 1:
+            raise ValueError(f"DecodeOptions.kv_segment_min must be >= 1, got {self.kv_segment_min}")
+        if not 0.0 < self.kv_segment_max_fraction <= 1.0:
+            raise ValueError(f"DecodeOptions.kv_segment_max_fraction must be in (0, 1], got "
+                             f"{self.kv_segment_max_fraction}")
+        if self.top_p_candidates < 0 or self.top_p_group < 0:
+            raise ValueError("DecodeOptions.top_p_candidates and top_p_group must be >= 0")
+
+    def segments(self, first_slot: int, max_len: int) -> tuple[int, ...]:
+        """The cache-prefix lengths the decode loop runs with (``(max_len,)`` = dense)."""
+        if self.attention == "dense":
+            return (max_len,)
+        return kv_segments(first_slot, max_len, min_len=self.kv_segment_min,
+                           max_fraction=self.kv_segment_max_fraction)
+
+
 class GenerationResult(NamedTuple):
     """Output of :func:`generate`; rows are ordered ``prompt * n + sample``.
 
@@ -150,35 +199,30 @@ def apply_top_k(logits: jax.Array, k: int) -> jax.Array:
     """
     if k <= 0 or k >= logits.shape[-1]:
         return logits
-    kth = jax.lax.top_k(logits, k)[0][..., -1:]
+    kth = top_k_values(logits, k)[..., -1:]
     return jnp.where(logits < kth, NEG_INF, logits)
 
 
-def apply_top_p(logits: jax.Array, p: float) -> jax.Array:
+def apply_top_p(logits: jax.Array, p: float, *, candidates: int = 0, group: int = 0) -> jax.Array:
     """Nucleus filter on ``logits [..., V]``: keep the smallest most-likely set with mass >= ``p``.
 
     A token is kept when the probability mass of the tokens strictly more likely than it
     is below ``p``; the most likely token is always kept. ``p >= 1`` = off.
+    ``candidates > 0``: find the nucleus among that many preselected logits instead of sorting
+    the whole vocabulary (``group``: per-group preselection first), falling back to the full
+    sort when a row's nucleus does not fit; the result is the same (:mod:`jdelta.top_p`).
     """
-    if isinstance(p, (int, float)) and p >= 1.0:
-        return logits
-    sorted_logits = -jnp.sort(-logits, axis=-1)  # descending
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = mass_before < p
-    # The smallest kept logit is the threshold; everything below it goes.
-    threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-    return jnp.where(logits < threshold, NEG_INF, logits)
+    return top_p_filter(logits, p, candidates_k=candidates, group=group)
 
 
 def filter_logits(logits: jax.Array, params: SamplingParams, *, temperature: Any = None,
-                  top_p: Any = None) -> jax.Array:
+                  top_p: Any = None, options: DecodeOptions | None = None) -> jax.Array:
     """Temperature, then top-k, then top-p: the sampling distribution's logits ``[..., V]``.
 
     For greedy (``temperature == 0``) returns the float32 logits unchanged. ``temperature``
     and ``top_p`` override ``params``' values and may be traced scalars (so one compiled
     program serves every temperature); whether top-p runs at all is decided by
-    ``params.top_p < 1``.
+    ``params.top_p < 1``. ``options``: how top-p is computed (default: the full sort).
     """
     x = logits.astype(jnp.float32)
     if params.greedy:
@@ -187,11 +231,13 @@ def filter_logits(logits: jax.Array, params: SamplingParams, *, temperature: Any
     x = apply_top_k(x, params.top_k)
     if params.top_p >= 1.0:
         return x
-    return apply_top_p(x, params.top_p if top_p is None else top_p)
+    o = options or DecodeOptions(top_p_candidates=0)
+    return apply_top_p(x, params.top_p if top_p is None else top_p, candidates=o.top_p_candidates,
+                       group=o.top_p_group)
 
 
 def sample_step(keys: jax.Array, logits: jax.Array, params: SamplingParams, *, temperature: Any = None,
-                top_p: Any = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+                top_p: Any = None, options: DecodeOptions | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Draw one token per row.
 
     Args:
@@ -199,6 +245,7 @@ def sample_step(keys: jax.Array, logits: jax.Array, params: SamplingParams, *, t
       logits: ``[B, V]`` raw model logits.
       params: sampling parameters (``temperature``/``top_p`` may be overridden by traced
         values, see :func:`filter_logits`).
+      options: how top-p is computed (see :class:`DecodeOptions`; the result does not depend on it).
     Returns:
       ``(tokens [B] int32, sampling_logprob [B], raw_logprob [B])`` where the first log-prob
       is under the filtered sampling distribution (``0`` for greedy) and the second under
@@ -210,7 +257,7 @@ def sample_step(keys: jax.Array, logits: jax.Array, params: SamplingParams, *, t
         tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         samp_lp = jnp.zeros(tokens.shape, jnp.float32)
     else:
-        filtered = filter_logits(logits, params, temperature=temperature, top_p=top_p)
+        filtered = filter_logits(logits, params, temperature=temperature, top_p=top_p, options=options)
         tokens = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
         samp_logp = jax.nn.log_softmax(filtered, axis=-1)
         samp_lp = jnp.take_along_axis(samp_logp, tokens[:, None], axis=-1)[:, 0]
@@ -404,10 +451,12 @@ def decode(
     *,
     params: SamplingParams,
     pad_id: int = 0,
+    options: DecodeOptions = DecodeOptions(),
+    first_slot: int | None = None,
     mesh: Mesh | None = None,
     rules: Rules | None = None,
 ) -> DecodeOutput:
-    """The decode loop: one ``lax.while_loop`` over steps, all rows at once.
+    """The decode loop: ``lax.while_loop`` over steps, all rows at once (one loop per KV segment).
 
     Args:
       cache: the prefilled cache, ``R`` rows, ``index`` = prompt length; needs
@@ -420,6 +469,12 @@ def decode(
       stop_ids: ``[K] int32`` stop token ids (``-1`` entries never match).
       live_rows: ``[R] bool``; False for batch-padding rows (finished from the start).
       params: static structure: greedy or not, ``top_k``, top-p on/off, ``max_new_tokens``.
+      options: static; ``options.attention == "bounded"`` splits the loop into segments over
+        cache prefixes (:func:`jdelta.decode_attention.kv_segments` from ``first_slot``); a
+        segment's loop runs while the write slot is inside its prefix, so any ``first_slot`` gives
+        the same result (it only picks the segments). ``options.top_p_*``: how top-p is computed.
+      first_slot: static hint, the cache index at the call (default ``max_len - max_new_tokens``,
+        what the :class:`Sampler` passes: the padded prompt length).
     Iteration ``t`` samples token ``t`` from the current logits, records it, and (unless
     every row has finished) feeds it through the model for the next logits.
     """
@@ -437,7 +492,8 @@ def decode(
     def body(carry):
         t, cache, logits, tokens, lps, raw_lps, lengths, finished = carry
         step_keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(keys)
-        tok, lp, raw_lp = sample_step(step_keys, logits, params, temperature=temperature, top_p=top_p)
+        tok, lp, raw_lp = sample_step(step_keys, logits, params, temperature=temperature, top_p=top_p,
+                                      options=options)
         live = ~finished
         tok = jnp.where(live, tok, pad_id)
         tokens = tokens.at[:, t].set(tok)
@@ -467,7 +523,23 @@ def decode(
         jnp.zeros((rows,), jnp.int32),
         ~live_rows,
     )
-    t, cache, _, tokens, lps, raw_lps, lengths, finished = jax.lax.while_loop(cond, body, init)
+    max_len = cache.k.shape[2]
+    if max_len < max_new:
+        raise ValueError(f"the cache has {max_len} slots, fewer than max_new_tokens={max_new}")
+    carry = init
+    for length in options.segments(max_len - max_new if first_slot is None else first_slot, max_len):
+        if length == max_len:
+            carry = jax.lax.while_loop(cond, body, carry)
+            continue
+        full = carry[1]
+        prefix = _constrain_cache(read_prefix(full, length), mesh, rules)
+
+        def segment_cond(c, length=length):
+            return cond(c) & (c[1].index < length)  # the step's write slot is inside the prefix
+
+        carry = jax.lax.while_loop(segment_cond, body, (carry[0], prefix, *carry[2:]))
+        carry = (carry[0], _constrain_cache(write_prefix(full, carry[1]), mesh, rules), *carry[2:])
+    t, cache, _, tokens, lps, raw_lps, lengths, finished = carry
     return DecodeOutput(tokens, lps, raw_lps, lengths, finished, t, cache)
 
 
@@ -492,6 +564,8 @@ class Sampler:
       batch_buckets: if given, the prompt batch is padded with all-padding rows up to a
         bucket too (e.g. a last partial batch); their outputs are dropped.
       pad_id: token written after a row's end and used for left padding.
+      decode_options: how the decode loop computes (length-bounded attention, top-p
+        preselection; :class:`DecodeOptions`); the samples do not depend on it.
 
     The model's current parameters are read at every call (``nnx.split``), so a model being
     trained can be sampled from between steps without recompiling.
@@ -509,8 +583,10 @@ class Sampler:
         image_buckets: Sequence[int] = DEFAULT_IMAGE_BUCKETS,
         batch_buckets: Sequence[int] | None = None,
         pad_id: int = 0,
+        decode_options: DecodeOptions | None = None,
     ):
         self.model = model
+        self.decode_options = decode_options or DecodeOptions()
         self.mesh = mesh
         self.rules = rules
         self.rope_index_fn = rope_index_fn or default_rope_index(model)
@@ -528,7 +604,7 @@ class Sampler:
         )
         self._decode = jax.jit(
             functools.partial(decode, mesh=mesh, rules=rules),
-            static_argnames=("graphdef", "params", "pad_id"),
+            static_argnames=("graphdef", "params", "pad_id", "options", "first_slot"),
             donate_argnames=("cache",),
         )
 
@@ -619,7 +695,8 @@ class Sampler:
         keep = mask.shape[0] * params.n  # the outputs of batch-padding rows are dropped
         live = self._put(np.arange(b * params.n) < keep, ("batch",))
         out = self._decode(graphdef, state, cache, logits, deltas, rng, jnp.float32(params.temperature or 1.0),
-                           jnp.float32(params.top_p), jnp.asarray(stops), live, params=structure, pad_id=self.pad_id)
+                           jnp.float32(params.top_p), jnp.asarray(stops), live, params=structure, pad_id=self.pad_id,
+                           options=self.decode_options)
         tokens = np.asarray(out.tokens)[:keep]
         t2 = time.perf_counter()
         compiled = self.compile_count - before

@@ -67,7 +67,7 @@ BAD_YAML = "train:\n  steps: 3\n  log_every: [1\n"
     # the YAML string "1e-3" is read as the float it means: the only error left is the zero steps
     (["optimizer.learning_rate=1e-3", "train.steps=0"], ["config key 'train.steps'"]),
     (["train.steps=three"], ["config key 'train.steps'", "valid integer", "'three'"]),
-    (["distill.mode=forward"], ["config key 'distill.mode'", "'reverse_kl', 'gkd' or 'va_opd'"]),
+    (["distill.mode=forward"], ["config key 'distill.mode'", "'reverse_kl', 'gkd', 'va_opd' or 'vicur'"]),
     (["data.source=records"], ["config key 'data.path'", "needs data.path"]),
     (["method=sft"], ["config key 'method'", "sft_jsonl or sample_output"]),
 ])

@@ -79,33 +79,39 @@ def test_vicur_without_module_or_hint_is_sampled_token_opd():
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5 * scale, rtol=1e-4)
 
-    # the self teacher (the student's frozen initial weights, no hint, no module): exactly no signal
+    # the self teacher (the student's frozen initial weights, no hint, no module): no signal (up to
+    # the rounding of two separately compiled forwards)
     same = OnPolicyDistiller(state.model(), self_teacher(state.model()), cfg, random_prompts(STUDENT_CFG, batch=3,
                                                                                             seed=4))
     inp = same.produce(state, 0)
     (loss, _), grads = _loss_and_grads(cfg, state, inp.batch, inp.shared)
-    assert float(loss) == 0.0 and all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
+    assert abs(float(loss)) < 1e-6
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) < 1e-4 * scale
 
 
-def test_gradient_accumulation_keeps_the_global_token_mean():
+@pytest.mark.parametrize("mode, extra", [
+    ("vicur", dict(privileged="none", cue_recovery=False)),
+    pytest.param("gkd", dict(gkd_reduction="batchmean"), marks=pytest.mark.slow),
+])
+def test_gradient_accumulation_keeps_the_global_token_mean(mode, extra):
     """vicur and GKD batchmean: two micro-batches give the one-batch loss and gradient."""
     from jdelta.distill.step import make_train_step
 
     teacher = random_model(TEACHER_CFG, 1, logit_scale=3.0)
     student = random_model(STUDENT_CFG, 2)
-    for mode, extra in (("vicur", dict(privileged="none", cue_recovery=False)), ("gkd", dict(gkd_reduction="batchmean"))):
-        cfg = DistillConfig(mode=mode, **extra, **{**BASE, "rollouts_per_prompt": 2})
-        state = _state(student)
-        distiller = OnPolicyDistiller(state.model(), teacher, cfg, random_prompts(STUDENT_CFG, batch=2, seed=7))
-        inp = distiller.produce(state, 0)
-        mask = np.asarray(inp.batch["completion_mask"])
-        assert mask[:2].sum() != mask[2:].sum()  # unequal micro-batches: per-micro means would differ
-        out = {}
-        for n in (1, 2):
-            step = jax.jit(make_train_step(make_distill_loss(cfg), grad_accum_steps=n))
-            _, metrics = step(state, inp.batch, inp.shared)
-            out[n] = (float(metrics["loss"]), float(metrics["grad_norm"]))
-        np.testing.assert_allclose(out[2], out[1], rtol=2e-5, err_msg=mode)
+    cfg = DistillConfig(mode=mode, **extra, **{**BASE, "rollouts_per_prompt": 2})
+    state = _state(student)
+    distiller = OnPolicyDistiller(state.model(), teacher, cfg, random_prompts(STUDENT_CFG, batch=2, seed=7,
+                                                                              with_image=False))
+    inp = distiller.produce(state, 0)
+    mask = np.asarray(inp.batch["completion_mask"])
+    assert mask[:2].sum() != mask[2:].sum()  # unequal micro-batches: per-micro means would differ
+    out = {}
+    for n in (1, 2):
+        step = jax.jit(make_train_step(make_distill_loss(cfg), grad_accum_steps=n))
+        _, metrics = step(state, inp.batch, inp.shared)
+        out[n] = (float(metrics["loss"]), float(metrics["grad_norm"]))
+    np.testing.assert_allclose(out[2], out[1], rtol=2e-5)
 
 
 # ----------------------------------------------------------------------------- padded LM-head columns
@@ -174,7 +180,17 @@ def test_rollouts_are_cut_before_a_padded_id():
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
-    return records_setup(tmp_path_factory.mktemp("vicur_records"))
+    """The distill tests' records setup with a 2-layer student: the module after decoder layer 0 then
+    has a later layer to read the sink (after a model's last layer it changes nothing)."""
+    from jdelta.data.tokenizer import load_tokenizer
+    from jdelta.testing import make_random_model_dir, tiny_config_for_tokenizer
+
+    root = tmp_path_factory.mktemp("vicur_records")
+    sections = records_setup(root)
+    tok = load_tokenizer(sections["data"]["tokenizer"])
+    student = make_random_model_dir(tiny_config_for_tokenizer(tok, hidden=16, layers=2, vision_hidden=16), tok,
+                                    root / "student2", seed=2)
+    return {**sections, "student": {"path": str(student), "random": None}}
 
 
 SLOW = pytest.mark.slow
@@ -227,6 +243,34 @@ def test_vicur_modes_run_checkpoint_resume_exactly_and_export(distill, teacher, 
         assert float(jnp.abs(model.cue_recovery.layers[0].o_proj.kernel.get_value()).max()) > 0
 
 
+def test_teacher_reads_the_privileged_prompt_and_the_same_completions(records):
+    """Assembled batch: the teacher's rows are ``question + [Hint]: ...`` (the student's are not) and
+    end in the same completion tokens at positions that continue the teacher's own prompt."""
+    from jdelta.config import build
+    from jdelta.distill.setup import DataConfig, prompt_source
+    from jdelta.models.qwen3_vl.weights import load_hf_checkpoint
+
+    student, student_cfg = load_hf_checkpoint(records["student"]["path"])
+    teacher, _ = load_hf_checkpoint(records["teacher"]["path"])
+    source = prompt_source(build(DataConfig, records["data"]), student_cfg, mode="vicur", teacher_prompt="hint")
+    prompts = next(source.batches)
+    cfg = DistillConfig(mode="vicur", **{**BASE, "rollouts_per_prompt": 2}).resolved(source.stop_ids, source.pad_id)
+    distiller = OnPolicyDistiller(student, teacher, cfg, iter([]))
+    b = prompts["input_ids"].shape[0]
+    completion = np.random.default_rng(0).integers(10, 100, (2 * b, 5)).astype(np.int32)
+    host = distiller.build_batch(prompts, completion, np.full(2 * b, 5, np.int32))
+    tok = source.tokenizer
+    for row in range(2 * b):
+        t_text = tok.decode(host["teacher_input_ids"][row][host["teacher_attention_mask"][row] == 1])
+        s_text = tok.decode(host["input_ids"][row][host["attention_mask"][row] == 1])
+        assert "[Hint]:" in t_text and "[Hint]" not in s_text
+        np.testing.assert_array_equal(host["teacher_input_ids"][row, -5:], completion[row])
+        np.testing.assert_array_equal(host["input_ids"][row, -5:], completion[row])
+        pos = host["teacher_position_ids"][row, 0]  # temporal axis: the completion continues the prompt
+        assert np.all(np.diff(pos[-6:]) == 1)
+    assert np.all(host["teacher_attention_mask"].sum(1) > host["attention_mask"].sum(1))  # the hint's tokens
+
+
 def test_config_errors_name_the_key(records, tmp_path, capsys):
     cfg = _config_file(tmp_path / "vicur.yaml", records, {}, False)
     # hinted teacher prompts need prompt records
@@ -245,3 +289,16 @@ def test_distill_config_defaults_are_the_papers():
     assert cfg.privileged == "hint" and cfg.cue_recovery and cfg.cue.every == 5 and cfg.cue.init == "zero_out"
     assert cfg.teacher_prompt == "hint" and dataclasses.replace(cfg, mode="reverse_kl").teacher_prompt is None
     assert DistillConfig().gkd_reduction == "sequence_mean" and DistillConfig().gkd_lambda == 1.0
+
+
+def test_recipe_config_matches_methods():
+    from jdelta.config import load
+    from jdelta.stages.distill import Config
+
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "vicur_qwen3vl_2b.yaml"
+    cfg = load(Config, recipe, ["student.path=/ckpt/2b", "data.path=/data/r.jsonl", "data.tokenizer=/ckpt/2b"])
+    d = cfg.distill
+    assert cfg.teacher is None and (d.mode, d.privileged, d.cue_recovery) == ("vicur", "hint", True)
+    assert (d.rollouts_per_prompt, d.temperature, d.top_p, d.max_new_tokens) == (1, 1.0, 1.0, 2048)
+    assert (d.vicur_clip_low, d.vicur_clip_high, d.vicur_dual_clip, d.vicur_k1_clamp) == (0.2, 0.2, 3.0, 10.0)
+    assert cfg.data.batch_size == 128 and cfg.optimizer.learning_rate == 1e-6

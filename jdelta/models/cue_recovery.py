@@ -28,9 +28,12 @@ n_t)``, so keys and values are never projected token by token: the cost per modu
 PyTorch reference in ``tests/test_cue_recovery.py`` uses the direct form).
 
 Size: ``4 * hidden^2`` per module layer plus ``2 * hidden`` for the norms. Qwen3-VL-2B (hidden
-2048, 28 layers: 6 module layers) 100,667,392 and 8B (hidden 4096, 36 layers: 8 module layers)
-536,879,104, the paper's +100.7M and +536.9M. For 4B/32B ``heads * head_dim != hidden``; then
-the module's ``head_dim`` is ``hidden / heads`` (80) and the scale follows it (not published).
+2048, 28 layers: module after 0, 5, ..., 25) 100,667,392 and 8B (hidden 4096, 36 layers: after
+0, 5, ..., 35) 536,879,104: the paper's +100.7M and +536.9M exactly (``jdelta model-info
+--cue-recovery``). Note that on the 8B the last module layer follows the last decoder layer (35),
+where nothing reads the sink any more (only the sink's own, unused, next-token logits change): it
+is kept, as the published count includes it. For 4B/32B ``heads * head_dim != hidden``; then the
+module's ``head_dim`` is ``hidden / heads`` (80) and the scale follows it (not published).
 
 Initialisation (not published): ``init="zero_out"`` (default) draws ``Wq, Wk, Wv`` from
 ``N(0, init_std^2)`` and sets ``Wo = 0``, so the module starts as the identity and the student

@@ -1,0 +1,230 @@
+"""Training a toy Qwen3-VL from scratch on teacher-forced answer tokens (optax AdamW).
+
+Every record becomes one fixed-length row: the chat prompt exactly as the sampling pipeline
+builds it (:func:`jdelta.data.chat.build_prompt`, the image at its native size), then the answer
+tokens and ``<|im_end|>``, left-padded to the world's row length. The loss is the mean
+cross-entropy of the answer tokens and the closing ``<|im_end|>`` only (the prompt is not
+modelled). All images of a world have one size, so every batch has the same shapes and the step
+compiles once.
+
+Deterministic: the model is initialised with ``nnx.Rngs(seed)``, batches are drawn by a NumPy
+generator seeded with ``seed``, and XLA on CPU is deterministic, so the same settings give
+bit-identical weights (``tests/test_toy.py`` checks it on a short run).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jdelta.config import check
+from jdelta.data.chat import build_prompt
+from jdelta.data.image_processor import ImageConfig, decode_image, normalise_patches, pixelate, process_image_uint8
+from jdelta.data.records import PromptRecord
+from jdelta.data.tokenizer import SpecialTokens
+from jdelta.distill.train_state import OptimizerConfig, TrainState, make_optimizer
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """A toy Qwen3-VL's widths and depths (heads 16 wide; vision: 2 heads, 16 px patches, 2x2 merge)."""
+
+    hidden: int = 64
+    layers: int = 2
+    intermediate: int = 128
+    vision_hidden: int = 32
+    vision_depth: int = 1
+
+    def __post_init__(self):
+        check(self.hidden >= 16 and self.hidden % 16 == 0, "hidden", f"must be a multiple of 16, got {self.hidden}")
+        for name in ("layers", "intermediate", "vision_depth"):
+            check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        check(self.vision_hidden >= 4 and self.vision_hidden % 2 == 0, "vision_hidden",
+              f"must be even and >= 4, got {self.vision_hidden}")
+
+
+def model_config(tokenizer, size: ModelSize):
+    """The Qwen3-VL config of a toy model for ``tokenizer`` (vocabulary rounded up to 64, untied head)."""
+    from jdelta.models.qwen3_vl.config import Qwen3VLConfig, Qwen3VLTextConfig, Qwen3VLVisionConfig
+
+    sp = SpecialTokens.from_tokenizer(tokenizer)
+    head_dim = 16
+    heads = size.hidden // head_dim
+    text = Qwen3VLTextConfig(
+        vocab_size=-(-len(tokenizer) // 64) * 64, hidden_size=size.hidden, intermediate_size=size.intermediate,
+        num_hidden_layers=size.layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+        head_dim=head_dim, mrope_section=(2, 3, 3), max_position_embeddings=4096)
+    vision = Qwen3VLVisionConfig(
+        depth=size.vision_depth, hidden_size=size.vision_hidden, intermediate_size=2 * size.vision_hidden,
+        num_heads=2, out_hidden_size=size.hidden, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+        num_position_embeddings=64, deepstack_visual_indexes=(0,))
+    return Qwen3VLConfig(text=text, vision=vision, image_token_id=sp.image_pad, video_token_id=sp.video_pad,
+                         vision_start_token_id=sp.vision_start, vision_end_token_id=sp.vision_end,
+                         tie_word_embeddings=False)
+
+
+def image_config(width: int, height: int) -> ImageConfig:
+    """Processor settings that keep a ``width x height`` image (multiples of 32) at its size."""
+    return ImageConfig(min_pixels=width * height, max_pixels=width * height)
+
+
+@dataclass
+class Encoded:
+    """Records as fixed-length training rows (``N`` rows, ``L`` tokens, ``P`` patches per image).
+
+    input_ids, attention_mask, target_mask: ``[N, L]`` int32 (target_mask 1 on the answer tokens
+    and the closing ``<|im_end|>``); patches: ``[N, P, 3, 256]`` uint8 (the processor's patch rows
+    before normalisation); pixelated: the same for VA-OPD's pixelated view (or None);
+    grid: ``(1, H/16, W/16)``; families, answers: per row.
+    """
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    target_mask: np.ndarray
+    patches: np.ndarray
+    pixelated: np.ndarray | None
+    grid: tuple[int, int, int]
+    families: list[str]
+    answers: list[str]
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def encode_records(records: Sequence[PromptRecord], tokenizer, *, width: int, height: int, length: int,
+                   with_pixelated: bool = False) -> Encoded:
+    """Tokenise and patchify ``records`` (one image each, ``width x height``) into rows of ``length``."""
+    sp = SpecialTokens.from_tokenizer(tokenizer)
+    icfg = image_config(width, height)
+    n = len(records)
+    ids = np.full((n, length), sp.pad, np.int32)
+    mask = np.zeros((n, length), np.int32)
+    target = np.zeros((n, length), np.int32)
+    patches, pixelated, grid = [], [], None
+    backend = tokenizer.backend_tokenizer
+    for i, rec in enumerate(records):
+        image = decode_image(rec.image_bytes(0), record=rec.id)
+        p, g = process_image_uint8(image, min_pixels=icfg.min_pixels, max_pixels=icfg.max_pixels, record=rec.id)
+        if grid is not None and g != grid:
+            raise ValueError(f"record {rec.id!r}: image grid {g} differs from the first record's {grid}")
+        grid = g
+        patches.append(p)
+        if with_pixelated:
+            pixelated.append(process_image_uint8(pixelate(image), min_pixels=icfg.min_pixels,
+                                                 max_pixels=icfg.max_pixels, record=rec.id)[0])
+        prompt = build_prompt(tokenizer, rec.question, [g], special=sp).input_ids
+        answer = np.asarray(backend.encode(rec.answer, add_special_tokens=False).ids + [sp.im_end], np.int32)
+        row = np.concatenate([prompt, answer])
+        if len(row) > length:
+            raise ValueError(f"record {rec.id!r}: {len(row)} tokens > row length {length}")
+        ids[i, length - len(row):] = row
+        mask[i, length - len(row):] = 1
+        target[i, length - len(answer):] = 1
+    return Encoded(ids, mask, target, np.stack(patches), np.stack(pixelated) if with_pixelated else None, grid,
+                   [r.family for r in records], [r.answer for r in records])
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """steps x batch_size rows drawn with replacement-free epochs from the training rows."""
+
+    steps: int = 600
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    warmup_steps: int = 30
+    weight_decay: float = 0.01
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size"):
+            check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        check(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
+        check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+
+
+def model_inputs(enc: Encoded, rows: np.ndarray, config, *, pixelated: bool = False) -> dict[str, np.ndarray]:
+    """The model's keyword inputs for ``rows`` of ``enc`` (M-RoPE positions computed here)."""
+    from jdelta.models.qwen3_vl.positions import get_rope_index
+
+    ids, mask = enc.input_ids[rows], enc.attention_mask[rows]
+    grid = np.tile(np.asarray(enc.grid, np.int32), (len(rows), 1))
+    src = enc.pixelated if pixelated else enc.patches
+    if src is None:
+        raise ValueError("these rows were encoded without their pixelated view")
+    pv = normalise_patches(src[rows].reshape(-1, *src.shape[2:]))
+    pos, _ = get_rope_index(ids, grid, mask, config)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "pixel_values": pv,
+            "image_grid_thw": grid}
+
+
+def answer_logprobs(model, inputs: dict, target_mask) -> tuple[jax.Array, jax.Array]:
+    """Per-token ``log p(next token)`` ``[B, L-1]`` and whether it is the argmax ``[B, L-1]``,
+    masked to the answer tokens (``target_mask[:, 1:]``)."""
+    ids = inputs["input_ids"]
+    out = model(ids, attention_mask=inputs["attention_mask"], position_ids=inputs["position_ids"],
+                pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
+    logits = out.logits[:, :-1].astype(jnp.float32)
+    targets = ids[:, 1:]
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    tok = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    hit = jnp.argmax(logits, axis=-1) == targets
+    w = target_mask[:, 1:].astype(jnp.float32)
+    return tok * w, jnp.where(w > 0, hit, True)
+
+
+def _loss(params, graphdef, rest, inputs, target_mask):
+    model = nnx.merge(graphdef, params, rest)
+    tok, _ = answer_logprobs(model, inputs, target_mask)
+    w = target_mask[:, 1:].astype(jnp.float32)
+    return -tok.sum() / jnp.maximum(w.sum(), 1.0)
+
+
+@jax.jit
+def _train_step(state: TrainState, inputs, target_mask):
+    loss, grads = jax.value_and_grad(_loss)(state.params, state.graphdef, state.rest, inputs, target_mask)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), loss
+
+
+def init_model(config, seed: int):
+    """A freshly initialised model (the model's own initialisers, ``nnx.Rngs(seed)``)."""
+    from jdelta.models.qwen3_vl import Qwen3VLForConditionalGeneration
+
+    return Qwen3VLForConditionalGeneration(config, rngs=nnx.Rngs(seed))
+
+
+def train_model(config, enc: Encoded, settings: TrainSettings, *,
+                log: Callable[[int, float, float], None] | None = None, log_every: int = 50):
+    """Train a fresh model on all rows of ``enc``; returns ``(model, losses [steps])``.
+
+    Rows are visited in seeded random epochs (each row once per epoch). ``log(step, mean loss
+    over the last log_every steps, seconds so far)`` is called every ``log_every`` steps.
+    """
+    model = init_model(config, settings.seed)
+    opt = make_optimizer(OptimizerConfig(
+        learning_rate=settings.learning_rate, b1=0.9, b2=0.98, weight_decay=settings.weight_decay,
+        schedule="cosine", warmup_steps=settings.warmup_steps, end_lr_fraction=0.05, clip_norm=1.0,
+        total_steps=settings.steps))
+    state = TrainState.create(model, opt, seed=settings.seed)
+    rng = np.random.default_rng(settings.seed)
+    order = np.zeros(0, np.int64)
+    losses = np.zeros(settings.steps, np.float32)
+    t0 = time.perf_counter()
+    for step in range(settings.steps):
+        if len(order) < settings.batch_size:
+            order = np.concatenate([order, rng.permutation(len(enc))])
+        rows, order = order[: settings.batch_size], order[settings.batch_size:]
+        inputs = {k: jnp.asarray(v) for k, v in model_inputs(enc, rows, config).items()}
+        state, loss = _train_step(state, inputs, jnp.asarray(enc.target_mask[rows]))
+        losses[step] = float(loss)
+        if log is not None and ((step + 1) % log_every == 0 or step + 1 == settings.steps):
+            log(step + 1, float(losses[max(0, step + 1 - log_every): step + 1].mean()), time.perf_counter() - t0)
+    return state.model(), losses

@@ -1,0 +1,122 @@
+"""The toy world: which question families, at what image size and difficulty, split how.
+
+A world is a list of :class:`FamilySpec` (a :mod:`jdelta.data.charts` question family asked of
+one kind of image at one difficulty) plus one image size. Records come from the procedural
+generator, so every answer is exact; splits are disjoint generator seeds (``train``,
+``heldout``, ``seeds`` for the demo's Δ scoring, ``distill``), so a held-out record is never a
+training record (two draws can only coincide by chance, as two different charts with the same
+data).
+
+Each family says what its answer needs (``detail``): ``"coarse"`` families can be answered from
+the layout alone (how many lines a receipt has; whether a line ends higher than it starts), so
+VA-OPD's pixelated view keeps them answerable; ``"fine"`` ones need small text (the label under
+a bar), which pixelation wipes out. This is the design intent; :mod:`jdelta.toy.evaluate`
+measures it (the teacher's accuracy on pixelated images, per family).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from jdelta.config import check
+from jdelta.data.charts import FAMILY_KINDS, GeneratorConfig, generate_record
+from jdelta.data.records import PromptRecord
+
+SPLITS: dict[str, int] = {"train": 0, "heldout": 1, "seeds": 2, "distill": 3}
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """One question family of the world: ``family`` asked of ``kind`` images at ``difficulty``.
+
+    detail: what answering needs, by design ("coarse": layout; "fine": small text or marks).
+    """
+
+    family: str
+    kind: str
+    difficulty: int = 1
+    detail: Literal["coarse", "fine"] = "fine"
+
+    def __post_init__(self):
+        check(self.family in FAMILY_KINDS, "family", f"unknown family {self.family!r}; known: {sorted(FAMILY_KINDS)}")
+        check(self.kind in FAMILY_KINDS.get(self.family, ()), "kind",
+              f"family {self.family!r} cannot be asked of {self.kind!r} (allowed: {FAMILY_KINDS.get(self.family)})")
+        check(self.difficulty in (1, 2, 3), "difficulty", f"must be 1, 2 or 3, got {self.difficulty}")
+        check(self.detail in ("coarse", "fine"), "detail", f"must be 'coarse' or 'fine', got {self.detail!r}")
+
+
+DEFAULT_FAMILIES: tuple[FamilySpec, ...] = (
+    FamilySpec("trend", "line", 1, "coarse"),
+    FamilySpec("counting", "receipt", 2, "coarse"),
+    FamilySpec("argmax", "bar", 1, "fine"),
+    FamilySpec("argmin", "bar", 1, "fine"),
+)
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """The world: its families, the image size (multiples of 32 px: the processor keeps it as is),
+    and the generator seed every split derives from."""
+
+    families: tuple[FamilySpec, ...] = field(default_factory=lambda: DEFAULT_FAMILIES)
+    width: int = 128
+    height: int = 96
+    seed: int = 0
+
+    def __post_init__(self):
+        check(len(self.families) >= 1, "families", "must name at least one family")
+        names = [f.family for f in self.families]
+        check(len(set(names)) == len(names), "families", f"each family may appear once, got {names}")
+        for name in ("width", "height"):
+            v = getattr(self, name)
+            check(v >= 64 and v % 32 == 0, name, f"must be a multiple of 32 and >= 64, got {v}")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(f.family for f in self.families)
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+    def spec(self, family: str) -> FamilySpec:
+        for f in self.families:
+            if f.family == family:
+                return f
+        raise KeyError(f"family {family!r} is not in the world ({self.names})")
+
+
+def split_seed(world: WorldConfig, split: str) -> int:
+    """The generator seed of ``split`` (disjoint per split and world seed)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; known: {sorted(SPLITS)}")
+    return 1000 * world.seed + 100 + SPLITS[split]
+
+
+def world_records(world: WorldConfig, split: str, n: int, *, start: int = 0,
+                  families: Sequence[str] | None = None) -> list[PromptRecord]:
+    """Records ``start .. start+n-1`` of ``split``: families in turn (record ``i`` asks family
+    ``i mod F`` of ``families``, default all), each drawn by the generator from ``(seed, i)``."""
+    names = tuple(families) if families is not None else world.names
+    specs = [world.spec(f) for f in names]
+    seed = split_seed(world, split)
+    out = []
+    for i in range(start, start + n):
+        spec = specs[i % len(specs)]
+        cfg = GeneratorConfig(width=world.width, height=world.height, difficulty=spec.difficulty)
+        out.append(generate_record(i, seed, spec.family, config=cfg, kind=spec.kind))
+    return out
+
+
+def answer_corpus(world: WorldConfig, n: int = 400) -> list[str]:
+    """Text for the world's tokenizer: questions and answers of ``n`` training records per family
+    (only the train split, so the tokenizer never saw a held-out answer it would not see anyway)."""
+    text: list[str] = []
+    for r in world_records(world, "train", n * len(world.families)):
+        text.append(r.question)
+        text.append(r.answer or "")
+        if r.cues is not None:
+            text.append(r.cues.hint)
+    return text
