@@ -20,8 +20,12 @@ the table reports the nucleus size and how often it fits the preselection (else 
 back to the sort). The HBM bound (``bounds.py``): decoder weights + LM head once + B embedding rows
 + the live KV cache (fill + steps / 2 slots per row), over the device's bandwidth.
 
-    python benchmarks/gpu_decode.py --preset 2b                  # H100/H200: ~4-6 min, prints a table
-    python benchmarks/gpu_decode.py --preset tiny                # CPU smoke run (seconds)
+``--profile DIR`` traces one call of the first short case (``jax.profiler``) and prints, per decode
+step, the device kernel count and time, the span they cover (busy fraction: low = launch/host bound)
+and the kernels taking most time.
+
+    PYTHONPATH=. python3 benchmarks/gpu_decode.py --preset 2b --profile /tmp/decode_profile   # H100/H200, ~5-6 min
+    python benchmarks/gpu_decode.py --preset tiny                                            # CPU smoke run
 """
 
 from __future__ import annotations
@@ -106,7 +110,8 @@ class Bench:
     def over_budget(self) -> bool:
         return time.perf_counter() - self.t0 > self.args.budget_s
 
-    def decode_case(self, *, label: str, batch: int, fill: int, cap: int, sampled: bool, options, top_p_name: str):
+    def decode_case(self, *, label: str, batch: int, fill: int, cap: int, sampled: bool, options, top_p_name: str,
+                    profile_dir: str | None = None):
         import jax
         import jax.numpy as jnp
 
@@ -149,6 +154,15 @@ class Bench:
                 cache = out.cache.replace(index=jnp.int32(fill))
                 if i:  # the first call warms up
                     times.append(dt / steps)
+            if profile_dir:
+                try:
+                    with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+                        out = compiled(self.state, cache, logits, *rest)
+                        steps = int(out.steps)
+                    cache = out.cache
+                    print(summarize_trace(profile_dir, steps), flush=True)
+                except Exception as e:  # noqa: BLE001 -- the profile is an extra
+                    print(f"profile failed: {type(e).__name__}: {e}", flush=True)
             del cache, out
             step_ms = 1e3 * float(np.median(times))
             row.update(step_ms=step_ms, tok_s=batch / step_ms * 1e3)
@@ -159,6 +173,48 @@ class Bench:
         self.rows.append(row)
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
         return row
+
+
+def summarize_trace(log_dir: str, steps: int, top: int = 15) -> str:
+    """Per decode step: device kernel time, its span and the kernels taking most time, from the
+    newest ``perfetto_trace.json.gz`` under ``log_dir`` (Chrome trace events)."""
+    import glob
+    import gzip
+    import json
+    from collections import defaultdict
+
+    files = sorted(glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"), recursive=True),
+                   key=os.path.getmtime)
+    if not files:
+        return f"profile: no perfetto_trace.json.gz under {log_dir}"
+    with gzip.open(files[-1]) as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    proc, thread = {}, {}
+    for e in events:
+        if e.get("ph") == "M" and e.get("name") == "process_name":
+            proc[e["pid"]] = str(e.get("args", {}).get("name", ""))
+        elif e.get("ph") == "M" and e.get("name") == "thread_name":
+            thread[(e["pid"], e.get("tid"))] = str(e.get("args", {}).get("name", ""))
+    by_thread = defaultdict(list)
+    for e in events:
+        if e.get("ph") == "X" and "dur" in e:
+            by_thread[(proc.get(e["pid"], "?"), thread.get((e["pid"], e.get("tid")), "?"))].append(e)
+    lines = [f"profile ({files[-1]}, {steps} steps): threads " + ", ".join(
+        f"{p}/{t}: {len(v)}" for (p, t), v in sorted(by_thread.items(), key=lambda kv: -len(kv[1]))[:8])]
+    device = {k: v for k, v in by_thread.items() if "device" in k[0].lower() or "gpu" in k[0].lower()}
+    streams = {k: v for k, v in device.items() if "stream" in k[1].lower()} or device
+    for (p, t), evs in sorted(streams.items(), key=lambda kv: -len(kv[1]))[:2]:
+        busy = sum(e["dur"] for e in evs)
+        span = max(e["ts"] + e["dur"] for e in evs) - min(e["ts"] for e in evs)
+        per_name = defaultdict(float)
+        for e in evs:
+            per_name[e["name"]] += e["dur"]
+        lines.append(f"  {p} / {t}: {len(evs) / steps:.0f} kernels per step, kernel time {busy / steps / 1e3:.3f} ms "
+                     f"per step, span {span / steps / 1e3:.3f} ms per step (busy {100 * busy / max(span, 1):.0f}%)")
+        for name, dur in sorted(per_name.items(), key=lambda kv: -kv[1])[:top]:
+            lines.append(f"    {dur / steps / 1e3:8.4f} ms/step  {100 * dur / busy:5.1f}%  {name[:110]}")
+    return "\n".join(lines)
 
 
 def sampling_table(args, vocab: int, variants, bench) -> list[dict]:
@@ -215,6 +271,8 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=330.0,
                     help="start no case after this many seconds (a 2B case takes up to ~1 min)")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: short,long,topp,sampling")
+    ap.add_argument("--profile", default=None, help="trace one call of the first short case into this directory "
+                    "and print the device kernel time per step and the top kernels")
     args = ap.parse_args(argv)
     tiny = args.preset == "tiny"
     args.dtype = args.dtype or ("bfloat16" if args.preset == "2b" else "float32")
@@ -250,7 +308,7 @@ def main(argv=None):
     for b in args.batches:
         if "short" not in skip:
             bench.decode_case(label="short", batch=b, fill=args.prompt, cap=short_cap, sampled=False, options=dense,
-                              top_p_name="greedy")
+                              top_p_name="greedy", profile_dir=args.profile if b == args.batches[0] else None)
         if "long" not in skip:
             cap = min(args.long_cap, int(args.kv_gb * 1e9 / (b * slot_bytes)) // min_seg * min_seg)
             if cap > short_cap:

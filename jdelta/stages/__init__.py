@@ -13,6 +13,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "make-seeds": ("jdelta.stages.make_seeds", "generate chart/table/receipt questions with exact answers"),
     "sample": ("jdelta.stages.sample", "n answers per prompt from a Qwen3-VL checkpoint (KV-cache sampler), a run directory"),
     "score": ("jdelta.stages.score", "sample n answers from teacher and student per prompt; answer divergence Δ and report"),
+    "write-hints": ("jdelta.stages.write_hints", "ViCuR teacher hints: a model describes the visual evidence; hints stating the answer are rejected"),
     "eval": ("jdelta.stages.evaluate", "greedy / majority-vote answers of one model on benchmark sets, each with its own metric"),
     "distill": ("jdelta.stages.distill", "on-policy distillation (reverse KL / GKD / VA-OPD) or SFT of a student, Orbax resume"),
     "synthesize": ("jdelta.stages.synthesize", "failure modes + targeted candidates (teacher-as-writer, steered generator) from a score run"),

@@ -113,7 +113,7 @@ def world_records(world: WorldConfig, split: str, n: int, *, start: int = 0,
 def answer_corpus(world: WorldConfig, n: int = 400) -> list[str]:
     """Text for the world's tokenizer: questions and answers of ``n`` training records per family
     (only the train split, so the tokenizer never saw a held-out answer it would not see anyway)."""
-    text: list[str] = []
+    text: list[str] = ["user", "assistant", "system"] * 50  # the chat template's role names
     for r in world_records(world, "train", n * len(world.families)):
         text.append(r.question)
         text.append(r.answer or "")
