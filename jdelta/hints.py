@@ -37,7 +37,14 @@ import string
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from jdelta.answers import normalize_answer, normalize_text, parse_choice, parse_number, parse_yes_no, strip_thinking
+from jdelta.answers import (
+    normalize_answer,
+    normalize_text,
+    parse_choice,
+    parse_number,
+    parse_yes_no,
+    strip_thinking,
+)
 from jdelta.config import check
 from jdelta.data.records import Cues, PromptRecord, RecordError, infer_answer_type
 

@@ -146,6 +146,7 @@ def scripted_prompts(path):
         rec("bad-prompt", "7", "number"),
         rec("no-reference", None),
         rec("own-hint", "7", "number", hint="AB is 3 and BC is 4"),
+        rec("own-hint-states-answer", "Plum", hint="the lowest is 'Plum' at 16%"),
         rec("second-sample-ok", "Plum"),
     ]
     write_jsonl(records, path)
@@ -186,6 +187,11 @@ class ScriptedWriter:
         return out
 
 
+def out_hint_of(run_dir, rid):
+    rec = next(r for r in read_records_jsonl(run_dir / "records.jsonl") if r.id == rid)
+    return rec.cues.hint if rec.cues is not None else None
+
+
 def test_counts_add_up_by_reason_and_nothing_is_lost(setup, tmp_path):
     root, _, model = setup
     prompts = tmp_path / "prompts.jsonl"
@@ -195,13 +201,15 @@ def test_counts_add_up_by_reason_and_nothing_is_lost(setup, tmp_path):
     c = manifest["counts"]
     assert manifest["complete"] and c["input"] == len(records) + 1
     assert c["input"] == c["hinted"] + c["kept"] + c["rejected"] + c["unreadable"] == c["accounted"]
-    assert (c["hinted"], c["kept"], c["unreadable"]) == (2, 1, 1)
+    assert (c["hinted"], c["kept"], c["unreadable"]) == (2, 2, 1)
+    assert c["kept_stating_answer"] == 1  # reported, left unchanged
     assert c["rejected_by_reason"] == {"answer_leak": 2, "empty": 1, "no_reference": 1, "prompt_failed": 1,
                                        "too_long": 1, "truncated": 1, "unparseable": 1}
     assert c["unreadable_by_reason"] == {"invalid_json": 1}
     assert c["samples_rejected_by_reason"]["answer_leak"] == 3  # the first sample of second-sample-ok too
     assert c["written"] == len(records) and c["dropped_rejected"] == 0
-    assert not any("no-reference" in call or "own-hint" in call for call in writer.calls)  # never asked
+    assert not any(rid in call for call in writer.calls for rid in ("no-reference", "own-hint"))  # never asked
+    assert out_hint_of(tmp_path / "run", "own-hint-states-answer") == "the lowest is 'Plum' at 16%"
     out = {r.id: r for r in read_records_jsonl(tmp_path / "run" / "records.jsonl")}
     assert [r.id for r in read_records_jsonl(tmp_path / "run" / "records.jsonl")] == [r.id for r in records]
     assert out["ok"].cues.hint == "'Aug' reads 68 and 'Jul' reads 75."
@@ -219,9 +227,9 @@ def test_counts_add_up_by_reason_and_nothing_is_lost(setup, tmp_path):
 
     # drop_rejected leaves the rejected records out, and counts them
     m2 = run_write_hints(config(model, prompts, tmp_path / "drop", drop_rejected=True), writer=ScriptedWriter())
-    assert m2["counts"]["written"] == 3 and m2["counts"]["dropped_rejected"] == 8
-    assert [r.id for r in read_records_jsonl(tmp_path / "drop" / "records.jsonl")] == ["ok", "own-hint",
-                                                                                        "second-sample-ok"]
+    assert m2["counts"]["written"] == 4 and m2["counts"]["dropped_rejected"] == 8
+    assert [r.id for r in read_records_jsonl(tmp_path / "drop" / "records.jsonl")] == [
+        "ok", "own-hint", "own-hint-states-answer", "second-sample-ok"]
     # the same directory with other checks is refused, naming the key
     with pytest.raises(RunDirError, match=r"config\.checks\.max_chars"):
         run_write_hints(config(model, prompts, tmp_path / "run", shard_size=4, checks={"max_chars": 50}),
