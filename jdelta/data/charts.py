@@ -333,6 +333,20 @@ def _pick(rng, seq, k=1):
     return [int(i) for i in idx]
 
 
+def _locate_hint(mark: str, labels, values, i: int, unit: str) -> str:
+    """Where the asked-for mark is and what its neighbours read: a cue that never states its own value
+    (positions in words, so no number in the hint can be mistaken for the answer)."""
+    near = [j for j in (i - 1, i + 1) if 0 <= j < len(labels)]
+    if len(near) == 2:
+        where = f"sits between '{labels[near[0]]}' and '{labels[near[1]]}'"
+    elif near:
+        where = f"is at the {'start' if i == 0 else 'end'}, next to '{labels[near[0]]}'"
+    else:
+        where = "is the only one"
+    beside = " and ".join(f"'{labels[j]}' reads {format_number(values[j])}{unit}" for j in near)
+    return f"the {mark} '{labels[i]}' {where}" + (f"; {beside}" if beside else "")
+
+
 def _series_question(rng, family: str, kind: str, data: dict, level: int, boxes) -> tuple:
     labels, values = data["labels"], data["values"]
     mark = {"bar": "bar labelled", "line": "point at", "pie": "slice"}[kind]
@@ -345,19 +359,18 @@ def _series_question(rng, family: str, kind: str, data: dict, level: int, boxes)
             q,
             {"label": labels[i]},
             [i],
-            f"the {mark} '{labels[i]}' reads {format_number(values[i])}{unit}",
+            _locate_hint(mark, labels, values, i, unit),
         )
     if family in ("argmax", "argmin"):
         order = np.argsort(values)[::-1] if family == "argmax" else np.argsort(values)
-        i, j = int(order[0]), int(order[1])
+        i = int(order[0])
         word = "highest" if family == "argmax" else "lowest"
         noun = {"bar": "bar", "line": "month", "pie": "slice"}[kind]
         return (
             f"Which {noun} has the {word} {what}?",
             {},
             [i],
-            f"the {word} is '{labels[i]}' at {format_number(values[i])}{unit}; next is '{labels[j]}' at "
-            f"{format_number(values[j])}{unit}",
+            f"the {noun}s read " + ", ".join(f"'{lab}' = {format_number(v)}{unit}" for lab, v in zip(labels, values, strict=True)),
         )
     if family == "comparison":
         i, j = _pick(rng, labels, 2)
@@ -468,7 +481,9 @@ def _table_question(rng, family: str, data: dict, level: int, boxes):
             f"What is the value in row '{rows[i]}', column '{col}'?",
             {"row": rows[i], "column": col},
             [boxes[i + 1][j + 1], boxes[i + 1][0], boxes[0][j + 1]],
-            f"the cell in row '{rows[i]}', column '{col}' reads {format_number(cells[i][j])}",
+            f"the value is where row '{rows[i]}' crosses column '{col}'; the row's other cells read "
+            + ", ".join(f"'{c}' = {format_number(cells[i][k])}" for k, c in enumerate(cols)
+                        if k != j and format_number(cells[i][k]) != format_number(cells[i][j])),
         )
     column_boxes = [boxes[0][j + 1]] + [boxes[i + 1][j + 1] for i in range(len(rows))]
     listing = ", ".join(f"'{r}' = {format_number(cells[i][j])}" for i, r in enumerate(rows))
@@ -512,7 +527,9 @@ def _receipt_question(rng, family: str, data: dict, level: int, boxes):
             f"What is the unit price of {items[i]}?",
             {"item": items[i]},
             [boxes[i]],
-            f"the line '{qty[i]} x {items[i]} @ {price[i]:.2f}' gives the unit price",
+            f"find the line naming '{items[i]}'"
+            + (f" (after '{items[i - 1]}')" if i > 0 else " (the first line)")
+            + "; each line reads 'quantity x item @ unit price'",
         )
     raise ValueError(f"family {family!r} not supported for receipt")
 
