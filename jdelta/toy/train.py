@@ -41,6 +41,9 @@ class ModelSize:
     intermediate: int = 128
     vision_hidden: int = 32
     vision_depth: int = 1
+    # Short sequences: the released models' theta (5e6) would leave 16-wide heads with almost no
+    # positional signal over a 50-token prompt.
+    rope_theta: float = 1000.0
 
     def __post_init__(self):
         check(self.hidden >= 16 and self.hidden % 16 == 0, "hidden", f"must be a multiple of 16, got {self.hidden}")
@@ -60,7 +63,7 @@ def model_config(tokenizer, size: ModelSize):
     text = Qwen3VLTextConfig(
         vocab_size=-(-len(tokenizer) // 64) * 64, hidden_size=size.hidden, intermediate_size=size.intermediate,
         num_hidden_layers=size.layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
-        head_dim=head_dim, mrope_section=(2, 3, 3), max_position_embeddings=4096)
+        head_dim=head_dim, mrope_section=(2, 3, 3), rope_theta=size.rope_theta, max_position_embeddings=4096)
     vision = Qwen3VLVisionConfig(
         depth=size.vision_depth, hidden_size=size.vision_hidden, intermediate_size=2 * size.vision_hidden,
         num_heads=2, out_hidden_size=size.hidden, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
@@ -196,7 +199,7 @@ def _train_step(state: TrainState, inputs, target_mask):
 
 def init_model(config, seed: int):
     """A freshly initialised model for training from scratch: matrices ``N(0, 1/fan_in)`` (token
-    embeddings ``N(0, 1)``, the learned vision position table ``N(0, 0.02^2)``), norm scales 1,
+    embeddings and the learned vision position table ``N(0, 1)``), norm scales 1,
     biases 0; one ``jax.random`` key per parameter folded from ``seed`` and its position.
 
     (The model's own initialisers draw every matrix at std 0.02, the released models' value,
@@ -214,9 +217,7 @@ def init_model(config, seed: int):
             value = jnp.zeros(shape, dtype)
         elif "norm" in name:
             value = jnp.ones(shape, dtype)
-        elif name.endswith("pos_embed"):
-            value = 0.02 * jax.random.normal(k, shape, dtype)
-        elif "embed_tokens" in name:
+        elif name.endswith("pos_embed") or "embed_tokens" in name:
             value = jax.random.normal(k, shape, dtype)
         else:
             fan_in = int(np.prod(shape[:-1]))
