@@ -1,0 +1,256 @@
+"""Gemma 3 HF safetensors checkpoints in and out, straight into sharded parameters.
+
+Loading builds the abstract model (``nnx.eval_shape``), checks every checkpoint key and shape,
+then materialises each parameter on its ``NamedSharding`` from the memory-mapped tensor (each
+device reads only its slice), as :mod:`jdelta.models.qwen3_vl.weights` does; the safetensors
+reader/writer are shared with it.
+
+Key layouts. Checkpoints name tensors in one of three ways, all read:
+``language_model.model.* / vision_tower.vision_model.* / multi_modal_projector.* /
+language_model.lm_head.weight`` (the released checkpoints), ``vision_tower.*`` without
+``vision_model`` (written by transformers 5), or transformers 5's module names
+``model.language_model.* / model.vision_tower.* / model.multi_modal_projector.* / lm_head.weight``.
+The export writes the first (the released layout, which every transformers version loads).
+
+Name mapping to NNX paths: the module names are the canonical key under ``model.`` with
+``vision_tower.encoder.layers`` flattened to ``vision_tower.layers``; ``Dense.kernel [in, out]``
+is torch's ``weight`` transposed; the patch embedding kernel ``[C*ps*ps, E]`` is the Conv2d
+weight ``[E, C, ps, ps]`` flattened; ``mm_input_projection_weight [D_v, H]`` is stored as is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from jdelta.models.gemma3.config import Gemma3Config
+from jdelta.models.gemma3.model import Gemma3ForConditionalGeneration
+from jdelta.models.qwen3_vl.weights import (
+    CheckpointFileError,
+    CheckpointMismatchError,
+    checkpoint_tensors,
+    write_safetensors,
+)
+from jdelta.sharding import Rules, state_shardings
+
+__all__ = ["CheckpointFileError", "CheckpointMismatchError", "abstract_model", "canonical_key", "hf_key",
+           "load_hf_checkpoint", "release_key", "save_hf_checkpoint"]
+
+# stored prefix -> canonical (transformers 5 module) prefix; first match wins
+_TO_CANONICAL = (
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("model.vision_tower.vision_model.", "model.vision_tower."),
+    ("vision_tower.vision_model.", "model.vision_tower."),
+    ("vision_tower.", "model.vision_tower."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+)
+# canonical prefix -> released-checkpoint prefix (the export layout)
+_TO_RELEASE = (
+    ("model.language_model.", "language_model.model."),
+    ("lm_head.", "language_model.lm_head."),
+    ("model.vision_tower.", "vision_tower.vision_model."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+)
+
+
+def _rename(key: str, table) -> str:
+    for old, new in table:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+def canonical_key(key: str) -> str:
+    """Any of the three stored layouts -> transformers 5's module name."""
+    return _rename(key, _TO_CANONICAL)
+
+
+def release_key(key: str) -> str:
+    """Canonical name -> the released checkpoints' name (what the export writes)."""
+    return _rename(key, _TO_RELEASE)
+
+
+def _kind(path: tuple) -> str:
+    if path[-1] == "kernel":
+        return "patch" if path[:3] == ("vision_tower", "embeddings", "patch_embedding") else "linear"
+    return "same"
+
+
+def hf_key(path: tuple) -> str:
+    """NNX param path -> canonical HF key."""
+    parts = [str(p) for p in path]
+    if parts[-1] == "kernel":
+        parts[-1] = "weight"
+    elif parts[-1] in ("position_embedding", "embed_tokens"):
+        parts.append("weight")
+    if parts[:2] == ["vision_tower", "layers"]:
+        parts.insert(1, "encoder")
+    key = ".".join(parts)
+    return key if parts[0] == "lm_head" else "model." + key
+
+
+def hf_shape(path: tuple, shape: tuple[int, ...], config: Gemma3Config) -> tuple[int, ...]:
+    kind = _kind(path)
+    if kind == "linear":
+        return (shape[1], shape[0])
+    if kind == "patch":
+        v = config.vision
+        return (shape[1], v.num_channels, v.patch_size, v.patch_size)
+    return tuple(shape)
+
+
+def to_jdelta_layout(path: tuple, hf: np.ndarray) -> np.ndarray:
+    kind = _kind(path)
+    if kind == "linear":
+        return hf.T
+    if kind == "patch":
+        return hf.reshape(hf.shape[0], -1).T
+    return hf
+
+
+def to_hf_layout(path: tuple, value: np.ndarray, config: Gemma3Config) -> np.ndarray:
+    kind = _kind(path)
+    if kind == "linear":
+        return value.T
+    if kind == "patch":
+        return value.T.reshape(hf_shape(path, value.shape, config))
+    return value
+
+
+def _flat(state: nnx.State) -> list[tuple[tuple, nnx.Variable]]:
+    return [(tuple(p), v) for p, v in nnx.to_flat_state(state)]
+
+
+def _summarise(title: str, items: list[str], limit: int = 25) -> str:
+    shown = items[:limit] + ([f"... and {len(items) - limit} more"] if len(items) > limit else [])
+    return f"  {title} ({len(items)}):\n" + "\n".join(f"    {s}" for s in shown)
+
+
+def abstract_model(config: Gemma3Config) -> Gemma3ForConditionalGeneration:
+    """The model with ``ShapeDtypeStruct`` parameters (no memory)."""
+    return nnx.eval_shape(lambda: Gemma3ForConditionalGeneration(config, rngs=nnx.Rngs(0)))
+
+
+def _canonical_tensors(path: Path) -> dict:
+    out = {}
+    for key, source in checkpoint_tensors(path).items():
+        name = canonical_key(key)
+        if name in out:
+            raise CheckpointFileError(f"{path}: tensor {key!r} and another one both map to {name!r}")
+        out[name] = source
+    return out
+
+
+def load_hf_checkpoint(path: str | Path, *, mesh: Mesh | None = None, rules: Rules | None = None, dtype=None,
+                       **config_overrides) -> tuple[Gemma3ForConditionalGeneration, Gemma3Config]:
+    """Load an HF ``Gemma3ForConditionalGeneration`` directory into a (sharded) NNX model.
+
+    Args:
+      path: directory with ``config.json`` and safetensors (one file or shards with an index).
+      mesh: place each parameter on its ``NamedSharding`` (logical-axis ``rules``); None: default device.
+      dtype: parameter and compute dtype (e.g. "bfloat16"); default: the config's (float32).
+      config_overrides: other jdelta config fields (``attention_impl``, ``remat_policy``).
+    Returns:
+      ``(model, config)``.
+    Raises:
+      CheckpointMismatchError listing missing, unexpected and shape-mismatched keys.
+    """
+    path = Path(path)
+    if dtype is not None:
+        name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+        config_overrides = {"dtype": name, "param_dtype": name, **config_overrides}
+    config = Gemma3Config.from_pretrained(path, **config_overrides)
+    graphdef, state = nnx.split(abstract_model(config))
+    shardings = dict(_flat(state_shardings(state, mesh, rules))) if mesh is not None else {}
+    tensors = _canonical_tensors(path)
+    expected = {hf_key(p): (p, v) for p, v in _flat(state)}
+    ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    missing = sorted(k for k in expected if k not in tensors)
+    unexpected = sorted(release_key(k) for k in tensors if k not in expected and k not in ignorable)
+    mismatched = []
+    for key, (p, v) in expected.items():
+        if key in tensors:
+            want = hf_shape(p, v.get_value().shape, config)
+            if tensors[key].shape != want:
+                mismatched.append(f"{release_key(key)}: checkpoint {tensors[key].shape} vs expected {want}")
+    if missing or unexpected or mismatched:
+        parts = [f"{path}: checkpoint does not match its config.json (Gemma 3)"]
+        for title, items in (("missing keys", [release_key(k) for k in missing]), ("unexpected keys", unexpected),
+                             ("shape mismatches", mismatched)):
+            if items:
+                parts.append(_summarise(title, items))
+        raise CheckpointMismatchError("\n".join(parts))
+
+    for key, (p, var) in expected.items():
+        abstract = var.get_value()
+        source = to_jdelta_layout(p, tensors[key].array())
+        target = np.dtype(abstract.dtype)
+        if p in shardings:
+            value = jax.make_array_from_callback(
+                abstract.shape, shardings[p], lambda idx, s=source, t=target: np.asarray(s[idx], dtype=t))
+        else:
+            value = jax.device_put(np.asarray(source, dtype=target))
+        var.set_value(value)
+    return nnx.merge(graphdef, state), config
+
+
+def save_hf_checkpoint(model: Gemma3ForConditionalGeneration, config: Gemma3Config, path: str | Path, *,
+                       dtype=None, max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Write ``config.json`` + safetensors in the released layout (``transformers`` loads them).
+
+    Tensors are fetched to the host one at a time (all-gathered across hosts when sharded);
+    more than ``max_shard_bytes`` gives several files and a ``model.safetensors.index.json``.
+    ``dtype`` defaults to each parameter's dtype. Files are written atomically.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    hf_cfg = config.to_hf_dict()
+    entries = []
+    for p, var in _flat(nnx.state(model, nnx.Param)):
+        value = var.get_value()
+        out_dtype = np.dtype(dtype) if dtype is not None else np.dtype(value.dtype)
+
+        def make(p=p, var=var):
+            arr = var.get_value()
+            if not arr.is_fully_addressable:
+                from jax.experimental import multihost_utils
+                arr = multihost_utils.process_allgather(arr, tiled=True)
+            return to_hf_layout(p, np.asarray(jax.device_get(arr)), config)
+
+        entries.append((release_key(hf_key(p)), hf_shape(p, value.shape, config), out_dtype, make))
+    if dtype is not None:
+        hf_cfg["dtype"] = np.dtype(dtype).name
+    shards, current, size = [], [], 0
+    for e in entries:
+        nbytes = math.prod(e[1]) * e[2].itemsize
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(e)
+        size += nbytes
+    if current:
+        shards.append(current)
+    if jax.process_index() == 0:
+        (path / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    weight_map = {}
+    for name, shard in zip(names, shards, strict=True):
+        if jax.process_index() == 0:
+            write_safetensors(path / name, shard)
+        else:  # other hosts still take part in the all-gathers
+            for *_, make in shard:
+                make()
+        weight_map.update({e[0]: name for e in shard})
+    if len(shards) > 1 and jax.process_index() == 0:
+        total = sum(math.prod(e[1]) * e[2].itemsize for e in entries)
+        (path / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    return path
