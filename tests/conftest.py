@@ -10,3 +10,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# Tests are grouped by package (tests/core, tests/data, ...); the shared harness modules
+# (qwen3_vl_tiny, gemma3_tiny, distill_pair, ...) stay in tests/ and are imported by name.
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -258,12 +258,15 @@ def test_levenshtein_is_a_metric(a, b, c):
 
 
 def test_anls_worked_examples():
-    # ANLS (Biten et al. 2019; DocVQA, InfoVQA): s = 1 - NL if NL < 0.5 else 0, max over the answers.
+    # ANLS (Biten et al. 2019; DocVQA, InfoVQA): s = 1 - NL, set to 0 when s < 0.5, max over the answers.
     assert A.anls("Georgia", "georgia") == 1.0  # case-insensitive
     assert A.anls("Geogia", "Georgia") == pytest.approx(1 - 1 / 7)  # one deletion in 7 chars
     assert A.anls("1 800 000", "1,800,000") == pytest.approx(1 - 2 / 9)
     assert A.anls("Atlanta", "Georgia") == 0.0  # NL = 6/7 >= 0.5
-    assert A.anls("abcd", "abxy") == 0.0  # NL = 0.5 exactly is not < 0.5
+    assert A.anls("abcd", "abxy") == 0.5  # s = 0.5 exactly is kept (the script zeroes only s < 0.5)
+    assert A.anls("abcd", "axyz") == 0.0  # s = 0.25
+    assert A.anls("ab", "ax") == 0.5 and A.anls("abc", "axy") == 0.0  # s = 1/3
+    assert A.anls("abcd", ["wxyz", "abxy"]) == 0.5  # the best reference, kept at 0.5
     assert A.anls("abcde", "abxde") == pytest.approx(0.8)
     assert A.anls("  New   York ", ["Boston", "new york"]) == 1.0  # max over references
     assert A.anls("Lincoln", ["Abe Lincoln", "lincon"]) == pytest.approx(1 - 1 / 7)
@@ -273,21 +276,41 @@ def test_anls_worked_examples():
     assert np.mean(scores) == pytest.approx((1 + 6 / 7 + 0) / 3)
 
 
-def test_relaxed_accuracy_worked_examples():
-    # ChartQA (Masry et al. 2022): numeric answers within 5% of the gold answer are correct.
+def test_relaxed_accuracy_as_published():
+    # ChartQA (Masry et al. 2022), reference relaxed_correctness: float() on both strings (a trailing
+    # "%" divides by 100); 5% relative tolerance when the target is a non-zero number; otherwise
+    # case-insensitive string equality, with no other number parsing.
     ra = A.relaxed_accuracy
     assert ra("104", "100") == 1.0
     assert ra("105", "100") == 1.0  # exactly 5% is still correct
     assert ra("105.1", "100") == 0.0
     assert ra("95", "100") == 1.0 and ra("94.9", "100") == 0.0
-    assert ra("0.0", "0") == 1.0 and ra("0.01", "0") == 0.0  # zero gold: exact
     assert ra("-2.05", "-2") == 1.0
-    assert ra("45%", "0.45") == 1.0  # trailing % divides by 100, as in the reference code
+    assert ra("45%", "0.45") == 1.0 and ra("0.45", "45%") == 1.0  # trailing % divides by 100
     assert ra("45%", "45") == 0.0
-    assert ra("1,020", "1000") == 1.0 and ra("twelve", "12") == 1.0
-    assert ra("Yes", "yes") == 1.0 and ra("Yes.", "yes") == 0.0  # non-numeric: exact, case-insensitive
-    assert ra("2019", ["2020", "2019"]) == 1.0
+    assert ra("1,200", "1200") == 0.0 and ra("1200", "1,200") == 0.0  # no thousands separators
+    assert ra("1,200", "1,200") == 1.0  # ... but equal strings are equal
+    assert ra("twelve", "12") == 0.0 and ra("12 kg", "12") == 0.0  # no number words, no units
+    assert ra("0.0", "0") == 0.0 and ra("0", "0") == 1.0  # a zero target is a string comparison
+    assert ra("1e2", "100") == 1.0 and ra(" 100 ", "100") == 1.0  # whatever float() accepts
+    assert ra("Yes", "yes") == 1.0 and ra("Yes.", "yes") == 0.0 and ra("yes ", "yes") == 0.0
+    assert ra("Infinity", "infinity") == 0.0  # both read as inf; inf - inf is nan, never <= 5%
+    assert ra("nan", "5") == 0.0
+    assert ra("2019", ["2020", "2019"]) == 1.0  # best over references
     assert ra("2021", "2020") == 1.0  # years are numbers too: a known looseness of the metric
+    assert ra("104", "100", tolerance=0.03) == 0.0
+
+
+def test_relaxed_accuracy_lenient_reading():
+    # The lenient reading (answer classing for Δ): parse_number's numbers, stripped strings.
+    ra = lambda p, r: A.relaxed_accuracy(p, r, lenient=True)
+    assert ra("1,020", "1000") == 1.0 and ra("twelve", "12") == 1.0 and ra("12 kg", "12") == 1.0
+    assert ra("0.0", "0") == 1.0 and ra("0.01", "0") == 0.0  # zero gold: exact as a number
+    assert ra("45%", "0.45") == 1.0 and ra("45%", "45") == 0.0
+    assert ra("yes ", "yes") == 1.0 and ra("Yes.", "yes") == 0.0
+    assert ra("Infinity", "infinity") == 1.0 and ra("nan", "5") == 0.0
+    assert A.score_answer("1,200", "1200", "relaxed_accuracy") == 0.0
+    assert A.score_answer("1,200", "1200", "relaxed_accuracy", lenient=True) == 1.0
 
 
 def test_exact_match_and_mc():
@@ -317,6 +340,13 @@ def test_class_correctness():
     c = A.class_answers(["Answer: 104", "Answer: 120", "<think>"], ["Answer: 100"])
     np.testing.assert_array_equal(A.class_correctness(c, "100", metric="relaxed_accuracy"), [1, 0, 0, 1])
     np.testing.assert_array_equal(A.class_correctness(c, "100", metric="exact_match"), [0, 0, 0, 1])
+    # Classing reads numbers leniently ("1,200" and "1200" are one class, and a correct one) ...
+    c = A.class_answers(["1,200", "1200", "1,300"], [])
+    assert len(c.labels) == 2
+    np.testing.assert_array_equal(A.class_correctness(c, "1200", metric="relaxed_accuracy"), [1, 0])
+    # ... unless told to use the published reading
+    np.testing.assert_array_equal(
+        A.class_correctness(c, "1200", metric="relaxed_accuracy", lenient=False), [0, 0])
 
 
 @settings(max_examples=80, deadline=None)
@@ -363,11 +393,6 @@ def test_extraction_and_normalisation_never_crash(parts):
         assert A.normalize_answer(ans, answer_type) == norm  # deterministic
     for metric in A.METRICS:
         assert 0.0 <= A.score_answer(ans, "12", metric) <= 1.0
-
-
-def test_relaxed_accuracy_non_finite_words():
-    assert A.relaxed_accuracy("Infinity", "infinity") == 1.0
-    assert A.relaxed_accuracy("nan", "5") == 0.0
 
 
 @settings(max_examples=40, deadline=None)

@@ -295,7 +295,7 @@ def test_recipe_config_matches_methods():
     from jdelta.config import load
     from jdelta.stages.distill import Config
 
-    recipe = Path(__file__).resolve().parents[1] / "configs" / "vicur_qwen3vl_2b.yaml"
+    recipe = Path(__file__).resolve().parents[2] / "configs" / "vicur_qwen3vl_2b.yaml"
     cfg = load(Config, recipe, ["student.path=/ckpt/2b", "data.path=/data/r.jsonl", "data.tokenizer=/ckpt/2b"])
     d = cfg.distill
     assert cfg.teacher is None and (d.mode, d.privileged, d.cue_recovery) == ("vicur", "hint", True)

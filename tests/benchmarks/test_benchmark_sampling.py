@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "sampling.py"
+_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "sampling.py"
 _spec = importlib.util.spec_from_file_location("benchmark_sampling", _PATH)
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)

@@ -4,7 +4,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def test_gpu_decode_tiny_preset_prints_the_table(capsys):

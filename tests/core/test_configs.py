@@ -7,7 +7,7 @@ import pytest
 from jdelta.config import ConfigError, MeshConfig, build, load, load_mapping
 from jdelta.stages.distill import Config
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 RECIPE = CONFIGS / "va_opd_qwen3vl_8b_to_2b.yaml"
 # the recipe leaves the checkpoint and data paths to the command line (see its header)
 RECIPE_PATHS = ["student.path=/ckpt/Qwen3-VL-2B-Instruct", "teacher.path=/ckpt/Qwen3-VL-8B-Instruct",

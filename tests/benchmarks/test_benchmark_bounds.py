@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def _load(name):

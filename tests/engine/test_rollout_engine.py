@@ -101,7 +101,7 @@ def test_benchmark_lengths_are_heavy_tailed():
     import sys
     from pathlib import Path
 
-    bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
+    bench_dir = Path(__file__).resolve().parents[2] / "benchmarks"
     sys.path.insert(0, str(bench_dir))
     try:
         spec = importlib.util.spec_from_file_location("benchmark_rollout", bench_dir / "rollout.py")
