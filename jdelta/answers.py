@@ -46,7 +46,9 @@ class's smallest value). Class ids follow first appearance (teacher answers firs
 :func:`pack_classed` pads many prompts into ``[P, C]`` count arrays for :mod:`jdelta.divergence`.
 
 Metrics (:func:`score_answer`, :data:`METRICS`): ``relaxed_accuracy`` (ChartQA), ``anls``
-(DocVQA/InfoVQA), ``exact_match``, ``mc_accuracy``.
+(DocVQA/InfoVQA), ``exact_match``, ``mc_accuracy``. ``relaxed_accuracy`` and ``anls`` follow the
+benchmarks' published definitions by default, so a score is comparable with a published one;
+``lenient=True`` selects the lenient number reading that answer classing for Δ uses.
 """
 
 from __future__ import annotations
@@ -646,11 +648,13 @@ def _refs(reference: str | Sequence[str]) -> list[str]:
 
 
 def anls(prediction: str, reference: str | Sequence[str], threshold: float = 0.5) -> float:
-    """Average Normalized Levenshtein Similarity of one answer (DocVQA / InfoVQA).
+    """Average Normalized Levenshtein Similarity of one answer (DocVQA / InfoVQA), as published.
 
-    ``max over references of (1 - NL)`` if ``NL < threshold`` else 0, where
-    ``NL = lev(p, r) / max(len p, len r)`` on lower-cased, whitespace-collapsed strings. The
-    benchmark score is the mean over questions.
+    ``s = 1 - NL`` with ``NL = lev(p, r) / max(len p, len r)``, best over the references, and
+    ``s = 0`` when ``s < threshold`` (the reference script's ``if question_result < 0.5: 0``: a
+    similarity of exactly 0.5 is kept). Strings are lower-cased with whitespace collapsed (as the
+    widely used lmms-eval / Qwen-VL copies of the script do; identical to the original script for
+    answers without extra spaces). The benchmark score is the mean over questions.
     """
     p = " ".join(prediction.lower().split())
     best = 0.0
@@ -658,13 +662,24 @@ def anls(prediction: str, reference: str | Sequence[str], threshold: float = 0.5
         r = " ".join(ref.lower().split())
         if not p and not r:
             return 1.0
-        nl = levenshtein(p, r) / max(len(p), len(r))
-        best = max(best, 1.0 - nl if nl < threshold else 0.0)
+        sim = 1.0 - levenshtein(p, r) / max(len(p), len(r))
+        best = max(best, sim if sim >= threshold else 0.0)
     return best
 
 
 def _chartqa_float(text: str) -> float | None:
-    """ChartQA's reading of a number: a trailing "%" divides by 100 (as in the reference code)."""
+    """ChartQA's reference ``_to_float``: ``float(text)``; a trailing ``%`` is stripped and divides by 100."""
+    try:
+        if text.endswith("%"):
+            return float(text.rstrip("%")) / 100.0
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _lenient_float(text: str) -> float | None:
+    """A number as :func:`parse_number` reads it (``"1,200"``, ``"twelve"``, ``"12 kg"``), a trailing
+    ``%`` dividing by 100 as in ChartQA; non-finite values are words here, not numbers."""
     t = text.strip()
     if t.endswith("%"):
         v = parse_number(t[:-1])
@@ -673,22 +688,36 @@ def _chartqa_float(text: str) -> float | None:
         v = float(t)
     except ValueError:
         return parse_number(t)
-    return v if math.isfinite(v) else None  # "nan", "Infinity" are words here, not numbers
+    return v if math.isfinite(v) else None
 
 
-def relaxed_accuracy(prediction: str, reference: str | Sequence[str], tolerance: float = 0.05) -> float:
-    """ChartQA relaxed accuracy: 1.0 if a number within ``tolerance`` relative error of a numeric
-    reference (exact when the reference is 0), else case-insensitive exact match; max over references.
+def relaxed_accuracy(prediction: str, reference: str | Sequence[str], tolerance: float = 0.05, *,
+                     lenient: bool = False) -> float:
+    """ChartQA relaxed accuracy (max over references), by default exactly as published.
 
-    Numbers are read as ChartQA's reference code reads them (``float``; a trailing ``%`` divides by
-    100, so ``"45%"`` matches ``"0.45"`` but not ``"45"``), falling back to :func:`parse_number` for
-    forms ``float`` rejects (``"1,200"``, ``"twelve"``, ``"12 kg"``)."""
+    Published (ChartQA / Pix2Struct ``relaxed_correctness``): both strings go through plain
+    ``float()`` (a trailing ``%`` divides by 100); when the prediction reads as a number and the
+    target as a *non-zero* number, correct iff ``|p - t| / |t| <= tolerance``; otherwise
+    case-insensitive string equality (``"0.0"`` vs ``"0"`` and ``"1,200"`` vs ``"1200"`` are wrong,
+    ``"45%"`` matches ``"0.45"`` but not ``"45"``).
+
+    ``lenient=True`` (how jdelta classes answers for Δ, never a benchmark score): numbers are read
+    by :func:`parse_number` (thousands separators, number words, units), a zero target must be
+    matched exactly as a number, and strings are compared stripped.
+    """
     for ref in _refs(reference):
-        rv, pv = _chartqa_float(ref), _chartqa_float(prediction)
-        if rv is not None and pv is not None:
-            ok = pv == rv if rv == 0 else abs(pv - rv) / abs(rv) <= tolerance
+        if lenient:
+            rv, pv = _lenient_float(ref), _lenient_float(prediction)
+            if rv is not None and pv is not None:
+                ok = pv == rv if rv == 0 else abs(pv - rv) / abs(rv) <= tolerance
+            else:
+                ok = prediction.strip().lower() == ref.strip().lower()
         else:
-            ok = prediction.strip().lower() == ref.strip().lower()
+            pv, rv = _chartqa_float(prediction), _chartqa_float(ref)
+            if pv is not None and rv:
+                ok = abs(pv - rv) / abs(rv) <= tolerance
+            else:
+                ok = prediction.lower() == ref.lower()
         if ok:
             return 1.0
     return 0.0
@@ -715,11 +744,15 @@ def mc_accuracy(prediction: str, reference: str | Sequence[str]) -> float:
 
 
 def score_answer(
-    prediction: str, reference: str | Sequence[str], metric: str, answer_type: str = "auto"
+    prediction: str, reference: str | Sequence[str], metric: str, answer_type: str = "auto", *,
+    lenient: bool = False,
 ) -> float:
-    """Scores one extracted answer against one or more references with a metric from :data:`METRICS`."""
+    """Scores one extracted answer against one or more references with a metric from :data:`METRICS`.
+
+    ``lenient``: ``relaxed_accuracy``'s lenient number reading (answer classing for Δ); the
+    default is each benchmark's published definition."""
     if metric == "relaxed_accuracy":
-        return relaxed_accuracy(prediction, reference)
+        return relaxed_accuracy(prediction, reference, lenient=lenient)
     if metric == "anls":
         return anls(prediction, reference)
     if metric == "exact_match":
@@ -735,6 +768,8 @@ def score_against_reference(
     answer_type: str = "auto",
     metric: str = "exact_match",
     extract: bool = True,
+    *,
+    lenient: bool = False,
 ) -> np.ndarray:
     """Scores each of a model's answers to one prompt.
 
@@ -742,7 +777,8 @@ def score_against_reference(
       answers: completions (or extracted answers with ``extract=False``).
       reference: the reference answer, or a list of accepted answers.
       answer_type: used by ``exact_match``.
-      metric: one of :data:`METRICS`.
+      metric: one of :data:`METRICS` (its published definition unless ``lenient``).
+      lenient: see :func:`score_answer`.
 
     Returns:
       ``[n]`` float32 scores in [0, 1] (ANLS is graded; the others are 0/1).
@@ -751,7 +787,8 @@ def score_against_reference(
     if metric not in METRICS:
         raise ValueError(f"unknown answer metric {metric!r}; expected one of {METRICS}")
     preds = [extract_answer(a) if extract else a for a in answers]
-    return np.array([score_answer(p, reference, metric, answer_type) for p in preds], dtype=np.float32)
+    return np.array([score_answer(p, reference, metric, answer_type, lenient=lenient) for p in preds],
+                    dtype=np.float32)
 
 
 def class_correctness(
@@ -759,14 +796,19 @@ def class_correctness(
     reference: str | Sequence[str],
     answer_type: str = "auto",
     metric: str = "exact_match",
+    *,
+    lenient: bool = True,
 ) -> np.ndarray:
     """``[C]`` bool: whether each class's representative answer scores > 0.5 against the reference.
 
     The representative is the class's first member's extracted answer (numbers in a class agree
     within ``rel_tol``, far below the metrics' tolerances). The invalid class is never correct.
+    ``lenient`` (default True: classes are formed by :func:`parse_number`, so their correctness
+    reads numbers the same way; ``"1,200"`` and ``"1200"`` are one class) is passed to
+    :func:`score_answer`.
     """
     out = np.zeros(len(classed.classes), bool)
     for i, c in enumerate(classed.classes):
         if c.kind != "invalid":
-            out[i] = score_answer(c.raw, reference, metric, answer_type) > 0.5
+            out[i] = score_answer(c.raw, reference, metric, answer_type, lenient=lenient) > 0.5
     return out
