@@ -18,5 +18,6 @@ STAGES: dict[str, tuple[str, str]] = {
     "distill": ("jdelta.stages.distill", "on-policy distillation (reverse KL / GKD / VA-OPD) or SFT of a student, Orbax resume"),
     "synthesize": ("jdelta.stages.synthesize", "failure modes + targeted candidates (teacher-as-writer, steered generator) from a score run"),
     "pipeline": ("jdelta.stages.pipeline", "DeltaPrompts pipeline: seeds -> score -> failure modes -> synthesis -> screen, rounds, resumable"),
-    "demo": ("jdelta.stages.demo", "end-to-end CPU demo on tiny random models: seeds, score, VA-OPD steps, re-score"),
+    "toy-models": ("jdelta.stages.toy_models", "train the toy teacher and student from scratch on the chart world (CPU, minutes)"),
+    "demo": ("jdelta.stages.demo", "end-to-end CPU demo on the shipped trained toy pair: accuracies, Δ by family, distillation on Δ > 0 vs random prompts"),
 }

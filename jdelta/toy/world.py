@@ -32,12 +32,14 @@ class FamilySpec:
     """One question family of the world: ``family`` asked of ``kind`` images at ``difficulty``.
 
     detail: what answering needs, by design ("coarse": layout; "fine": small text or marks).
+    weight: relative share of each training batch (rows are drawn family by family in turn).
     """
 
     family: str
     kind: str
     difficulty: int = 1
     detail: Literal["coarse", "fine"] = "fine"
+    weight: int = 1
 
     def __post_init__(self):
         check(self.family in FAMILY_KINDS, "family", f"unknown family {self.family!r}; known: {sorted(FAMILY_KINDS)}")
@@ -45,6 +47,7 @@ class FamilySpec:
               f"family {self.family!r} cannot be asked of {self.kind!r} (allowed: {FAMILY_KINDS.get(self.family)})")
         check(self.difficulty in (1, 2, 3), "difficulty", f"must be 1, 2 or 3, got {self.difficulty}")
         check(self.detail in ("coarse", "fine"), "detail", f"must be 'coarse' or 'fine', got {self.detail!r}")
+        check(self.weight >= 1, "weight", f"must be >= 1, got {self.weight}")
 
 
 DEFAULT_FAMILIES: tuple[FamilySpec, ...] = (

@@ -74,7 +74,10 @@ def _pixel_rows(batch, row):
 
 def test_rebuilt_prompts_equal_the_samplers(sampled):
     root, _, _, prompts, out, tok, sp, n_real = sampled
-    rows, skips = read_sample_output(out, open_records(prompts))
+    # the same filter sample_sft_batches applies: a random teacher may emit vision placeholder ids,
+    # and such responses are skipped (counted), never trained on
+    vision = (sp.image_pad, sp.video_pad, sp.vision_start, sp.vision_end)
+    rows, skips = read_sample_output(out, open_records(prompts), vision_ids=vision)
     assert skips.counts["missing_prompt"] == 1 and "samples.jsonl:" in skips.examples["missing_prompt"][0]
     assert len(rows) + skips.total == n_real + 1
     # what the sampler saw: the pipeline's batch of the records, unshuffled, same settings
