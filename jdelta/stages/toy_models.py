@@ -1,6 +1,6 @@
 """Train the toy teacher and student from scratch on the procedural chart world (CPU, minutes).
 
-``jdelta toy-models --out DIR [--seed 0]`` writes ``DIR/teacher`` and ``DIR/student`` (Hugging Face
+``jdelta toy-models --out DIR [pair.seed=0]`` writes ``DIR/teacher`` and ``DIR/student`` (Hugging Face
 layout, one tokenizer), ``DIR/metrics.json`` and ``DIR/report.md`` (held-out accuracy per family
 with intervals, clean and pixelated, and the world's targets). The same config and seed give the
 same weights, byte for byte. The pair shipped with jdelta (``jdelta.toy.trained_pair()``, used by
@@ -33,10 +33,13 @@ class Config:
 
 
 def run(cfg: Config) -> int:
-    log = print if cfg.progress else (lambda *_: None)
+    def log(message: str) -> None:
+        if cfg.progress:
+            print(message, flush=True)
+
     with RunDir(cfg.out, "toy-models", config=to_dict(cfg), overwrite=cfg.overwrite,
                 ignore=("out", "progress", "overwrite")) as run_dir:
-        metrics = build_pair(cfg.pair, run_dir.path, log=lambda m: log(m, flush=True), commit=run_dir.commit)
+        metrics = build_pair(cfg.pair, run_dir.path, log=log, commit=run_dir.commit)
         metrics["targets"] = target_checks(metrics, cfg.pair.world)
         text = report_markdown(metrics, cfg.pair.world)
         run_dir.write_atomic("metrics.json", json.dumps(metrics, indent=2) + "\n")

@@ -42,8 +42,9 @@ TOY_FILE = "toy.json"  # written last into each model directory: the world and h
 class PairConfig:
     """A toy teacher/student pair: the world, sizes, training settings and data amounts.
 
-    seed: training seed (initialisation and batch order; the student uses ``seed + 1``); the
-    world's data comes from ``world.seed``. row_length: tokens per training row (prompt + answer).
+    seed: training seed (initialisation and batch order; the student uses ``seed + 1``; the
+    ``seed`` of ``teacher_train`` / ``student_train`` must be left unset); the world's data comes
+    from ``world.seed``. row_length: tokens per training row (prompt + answer).
     """
 
     world: WorldConfig = field(default_factory=WorldConfig)
@@ -51,9 +52,9 @@ class PairConfig:
                                                                  vision_hidden=32, vision_depth=1))
     student: ModelSize = field(default_factory=lambda: ModelSize(hidden=32, layers=1, intermediate=64,
                                                                  vision_hidden=16, vision_depth=1))
-    teacher_train: TrainSettings = field(default_factory=lambda: TrainSettings(steps=6000, pixelated_fraction=0.2))
+    teacher_train: TrainSettings = field(default_factory=lambda: TrainSettings(steps=7000, pixelated_fraction=0.2))
     student_train: TrainSettings = field(default_factory=lambda: TrainSettings(steps=2000, pixelated_fraction=0.2))
-    train_records: int = 4000
+    train_records: int = 6000
     heldout_per_family: int = 200
     vocab_size: int = 512
     row_length: int = 48
@@ -65,6 +66,9 @@ class PairConfig:
         check(self.heldout_per_family >= 1, "heldout_per_family", f"must be >= 1, got {self.heldout_per_family}")
         check(self.vocab_size >= 320, "vocab_size", f"must be >= 320, got {self.vocab_size}")
         check(self.row_length >= 16, "row_length", f"must be >= 16, got {self.row_length}")
+        for name in ("teacher_train", "student_train"):
+            check(getattr(self, name).seed == 0, name, "seed is set by pair.seed (the student gets seed + 1); "
+                  "leave it out")
 
 
 def encode_split(cfg: PairConfig, tokenizer, split: str, n: int, *, with_pixelated: bool) -> Encoded:
@@ -108,8 +112,6 @@ def build_pair(cfg: PairConfig, out: str | os.PathLike, *, log: Callable[[str], 
                commit: Callable[[], None] | None = None) -> dict[str, Any]:
     """Train the pair into ``out`` (see the module doc); a model directory already there (with its
     ``toy.json``) is kept. ``commit`` is called once the first artefact is on disk. Returns the metrics."""
-    import jax
-
     from jdelta.data.tokenizer import build_demo_tokenizer, load_tokenizer
     from jdelta.models.qwen3_vl.weights import load_hf_checkpoint
 
@@ -161,7 +163,6 @@ def build_pair(cfg: PairConfig, out: str | os.PathLike, *, log: Callable[[str], 
                 "train_records": cfg.train_records, "loss_curve": curve, "seconds": timing[role],
                 "image": to_dict(image_config(cfg.world.width, cfg.world.height)),
                 "made_by": "jdelta toy-models (jdelta.toy.build.build_pair)"}
-        model = jax.device_get(model)
         _write_model(model, mcfg, tokenizer, path, info)
         models[role] = model
         log(f"{role}: trained in {timing[role]['wall_s']:.0f} s wall, {timing[role]['cpu_s']:.0f} s CPU -> {path}")
@@ -239,3 +240,21 @@ def report_markdown(metrics: dict[str, Any], world: WorldConfig) -> str:
                                            for k, v in timing.items()))
         lines.append("")
     return "\n".join(lines)
+
+
+def evaluate_dirs(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike, *,
+                  heldout_per_family: int = 200, row_length: int = 64) -> tuple[dict[str, Any], WorldConfig]:
+    """:func:`evaluate_pair` for two saved toy models (their world from ``toy.json``) on a freshly
+    generated held-out set; returns ``(metrics, world)``."""
+    from jdelta.config import build
+    from jdelta.data.tokenizer import load_tokenizer
+    from jdelta.models.qwen3_vl.weights import load_hf_checkpoint
+
+    info = json.loads((Path(teacher_dir) / TOY_FILE).read_text())
+    world = build(WorldConfig, info["world"])
+    tokenizer = load_tokenizer(teacher_dir)
+    heldout = encode_records(world_records(world, "heldout", heldout_per_family * len(world.families)), tokenizer,
+                             width=world.width, height=world.height, length=row_length, with_pixelated=True)
+    teacher, _ = load_hf_checkpoint(teacher_dir)
+    student, _ = load_hf_checkpoint(student_dir)
+    return evaluate_pair(teacher, student, heldout, world), world

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -73,4 +72,3 @@ def mean_by_family(values: np.ndarray, families: Sequence[str], order: Sequence[
 
 
 __all__ = ["by_family", "greedy_correct", "mean_by_family", "score_rows"]
-_ = jax

@@ -7,9 +7,9 @@ cross-entropy of the answer tokens and the closing ``<|im_end|>`` only (the prom
 modelled). All images of a world have one size, so every batch has the same shapes and the step
 compiles once.
 
-Deterministic: the model is initialised with ``nnx.Rngs(seed)``, batches are drawn by a NumPy
-generator seeded with ``seed``, and XLA on CPU is deterministic, so the same settings give
-bit-identical weights (``tests/test_toy.py`` checks it on a short run).
+Deterministic: the initial weights come from ``jax.random`` keys folded from ``seed``, batches
+and pixelated rows from a NumPy generator seeded with ``seed``, and XLA on CPU is deterministic,
+so the same settings give bit-identical weights (``tests/stages/test_toy_models.py`` checks it).
 """
 
 from __future__ import annotations
@@ -146,7 +146,15 @@ def encode_records(records: Sequence[PromptRecord], tokenizer, *, width: int, he
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """steps x batch_size rows drawn with replacement-free epochs from the training rows."""
+    """How one toy model is trained (the defaults made the shipped pair, with ``steps`` and
+    ``pixelated_fraction`` set by :class:`jdelta.toy.build.PairConfig`).
+
+    steps x batch_size rows; AdamW (learning_rate, b1, b2, weight_decay on matrices) with
+    ``warmup_steps`` of linear warmup, then cosine to 5%, global-norm clip 1.0. balance: draw rows
+    with :class:`BalancedRows` (else shuffled epochs). pixelated_fraction: share of rows shown
+    VA-OPD's pixelated image. head_scale, residual_scale, embed_scale, blank_patch_zero: the
+    initialisation variants tried in docs/toy_world.md (see :func:`init_model`; defaults off).
+    """
 
     steps: int = 600
     batch_size: int = 32
@@ -177,7 +185,7 @@ class BalancedRows:
     Why: at the start a model learns each family's answer prior; with uniformly drawn batches the
     batch-to-batch wobble of the answer mix then dominates the gradient and hides the small,
     consistent signal that ties answers to pixels (measured: a 12-word reading task escapes its
-    prior plateau in ~250 steps with balanced batches and not in 2,000 with shuffled ones).
+    prior plateau after ~450 steps with balanced batches and not in 2,000 with shuffled ones).
     """
 
     def __init__(self, families: Sequence[str], answers: Sequence[str], rng: np.random.Generator,

@@ -51,10 +51,10 @@ class FamilySpec:
 
 
 DEFAULT_FAMILIES: tuple[FamilySpec, ...] = (
-    FamilySpec("trend", "line", 1, "coarse"),
-    FamilySpec("counting", "receipt", 2, "coarse"),
-    FamilySpec("argmax", "bar", 1, "fine"),
-    FamilySpec("argmin", "bar", 1, "fine"),
+    FamilySpec("trend", "line", 1, "coarse", 2),
+    FamilySpec("counting", "receipt", 1, "coarse", 1),
+    FamilySpec("argmax", "bar", 1, "fine", 3),
+    FamilySpec("argmin", "bar", 1, "fine", 3),
 )
 
 

@@ -1,10 +1,10 @@
 """A non-editable install works on its own: ``pip install .`` into a fresh venv, then the CLI from
-another directory finds its shipped configs (package data via importlib.resources) and runs the demo.
+another directory finds its shipped configs and the trained toy pair (package data) and runs the demo.
 
 Offline: the wheel is built with ``--no-build-isolation --no-index --no-deps`` from a copy of the
 sources (so the checkout is untouched); the new venv sees this environment's dependencies through
 a ``.pth`` line, but jdelta itself only through the installed wheel. About 40 s on a quiet CPU
-(install 3 s, model-info 3 s, a tiny demo with one VA-OPD step ~35 s); ~55 s on a busy 2-core machine.
+(install 3 s, model-info 3 s, a tiny demo on the shipped pair ~35 s); ~55 s on a busy 2-core machine.
 """
 
 from __future__ import annotations
@@ -58,7 +58,11 @@ def test_wheel_install_runs_from_another_directory(tmp_path):
     for shipped in ("distill_demo.yaml", "pipeline_demo.yaml", "meshes/cpu-8.yaml"):
         assert (site / "jdelta" / "configs" / shipped).is_file(), shipped
 
-    run([jdelta_cli, "demo", "--out", "D", "--n-prompts", "4", "--n", "2", "--max-new-tokens", "4",
-         "--distill-steps", "1", "--no-progress"], elsewhere)
+    for role in ("teacher", "student"):  # the trained toy pair ships as package data
+        for name in ("config.json", "model.safetensors", "tokenizer.json", "toy.json"):
+            assert (site / "jdelta" / "toy" / "weights" / role / name).is_file(), (role, name)
+    run([jdelta_cli, "demo", "--out", "D", "--n-prompts", "4", "--heldout-per-family", "2", "--n", "2",
+         "--max-new-tokens", "4", "--distill-steps", "1", "--no-progress"], elsewhere)
     summary = json.loads((elsewhere / "D" / "summary.json").read_text())
-    assert summary["random_models"] and summary["counts"]["before distillation"]["input"] == 4
+    assert Path(summary["pair"]) == site / "jdelta" / "toy" / "weights"
+    assert summary["accuracy"]["teacher"]["all"]["n"] == 8 and summary["delta_by_family"]["all"]["prompts"] == 4
