@@ -197,11 +197,6 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv[1:]):
         print(stage_help(name, module))
         return 0
-    if os.environ.get("JDELTA_DISTRIBUTED") == "1":
-        # Multi-host (TPU pod slice / multi-node GPU): every process runs the same program.
-        import jax
-
-        jax.distributed.initialize()
     return run_stage(name, module, argv[1:])
 
 
@@ -213,6 +208,13 @@ def run_stage(name: str, module, args: list[str]) -> int:
     try:
         config_file, overrides = parse_command_line(module.Config, args)
         cfg = load(module.Config, config_file, overrides)
+        if os.environ.get("JDELTA_DISTRIBUTED") == "1":
+            # Multi-host (TPU pod slice / multi-node GPU): every process runs the same program.
+            from jdelta import distributed
+            from jdelta.config import to_dict
+
+            distributed.initialize_from_env()
+            distributed.check_same_program(to_dict(cfg), stage=name)
         return int(module.run(cfg) or 0)
     except (UserError, FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError) as e:
         if os.environ.get("JDELTA_TRACEBACK") == "1":

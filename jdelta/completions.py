@@ -47,10 +47,12 @@ class PromptBatches:
     """Iterator of :class:`PromptBatch` over ``source`` (see :func:`prompt_batches`)."""
 
     def __init__(self, source, tokenizer, config: PipelineConfig, select: slice | None = None):
-        from jdelta.data.pipeline import make_prompt_batches
+        from jdelta.distributed import prompt_batches as batches_of_one_program
 
-        self._it = make_prompt_batches(source, tokenizer=tokenizer, shuffle=False, config=config, process_index=0,
-                                       process_count=1, select=select, keep_skipped=True)
+        # One process: the Grain pipeline; several (multi-host): each reads its slice of every batch
+        # and all see the same global batch (jdelta.distributed.GlobalPromptBatches).
+        self._it = batches_of_one_program(source, tokenizer=tokenizer, shuffle=False, config=config, select=select,
+                                          keep_skipped=True)
 
     def __iter__(self) -> Iterator[PromptBatch]:
         for batch in self._it:
@@ -74,7 +76,8 @@ class PromptBatches:
 
 def prompt_batches(source, tokenizer, config: PipelineConfig, *, select: slice | None = None) -> PromptBatches:
     """Batches of ``source`` (records source or list of records; ``select``: a slice of it) in
-    source order, every process the same (no per-host sharding: each runs the same program)."""
+    source order. In a multi-process run every process gets the same global batches (it reads and
+    processes only its slice of each; the batch is then placed on the global mesh by the sampler)."""
     return PromptBatches(source, tokenizer, config, select)
 
 

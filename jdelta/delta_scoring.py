@@ -183,13 +183,13 @@ def skip_entry(index: int, rid: str | None, reason: str, message: str) -> dict:
 class Scorer:
     """Teacher + student + tokenizer + prompt pipeline, kept across shards (compiled programs reused).
 
-    ``teacher`` / ``student``: loaded Qwen3-VL models with the same prompt layout; ``session``:
+    ``teacher`` / ``student``: loaded models of one family with the same prompt layout; ``session``:
     the :class:`~jdelta.models.loading.ModelSession` whose samplers are used (a fresh one when None).
     """
 
     def __init__(self, teacher, student, tokenizer, *, sampling: SamplingConfig | None = None,
                  prompt: PromptConfig | None = None, tests: DeltaTestConfig | None = None, session=None):
-        from jdelta.data.tokenizer import SpecialTokens
+        from jdelta.models.family import prompt_special_tokens
         from jdelta.models.loading import ModelSession, check_pair, pipeline_config_for
 
         check_pair(teacher.config, student.config)
@@ -198,7 +198,7 @@ class Scorer:
         self.sampling, self.prompt, self.tests = sampling, prompt, tests or DeltaTestConfig()
         self.session = session if session is not None else ModelSession()
         self.pipeline_config = pipeline_config_for(teacher.config, prompt, batch_size=sampling.batch_size)
-        self.special = special = SpecialTokens.from_tokenizer(tokenizer)
+        self.special = special = prompt_special_tokens(tokenizer)
         self.params = completions.sampling_params(sampling, special.stop_ids)
         self.teacher_sampler = self.session.sampler(teacher, pipeline=self.pipeline_config, pad_id=special.pad)
         self.student_sampler = self.session.sampler(student, pipeline=self.pipeline_config, pad_id=special.pad)
@@ -256,7 +256,7 @@ def score_prompts(
     """Score in-memory prompt records with two models (one dict per record, in order).
 
     Args:
-      teacher, student: Qwen3-VL NNX models (same prompt layout), or HF checkpoint directories /
+      teacher, student: NNX models of one family (same prompt layout), or HF checkpoint directories /
         :class:`~jdelta.config.ModelSpec` (loaded through ``session``).
       records: :class:`~jdelta.data.records.PromptRecord` list (or a records source).
       tokenizer: a loaded tokenizer or a directory holding one.

@@ -27,6 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jdelta.chunking import from_chunks, to_chunks
+from jdelta.models.family import logit_softcap
 from jdelta.sharding import Rules, activation_sharding, state_shardings
 
 
@@ -58,6 +59,7 @@ def chunked_token_logprobs(
     temperature: float = 1.0,
     return_logsumexp: bool = False,
     vocab_size: int | None = None,
+    softcap: float | None = None,
 ) -> ScoreResult:
     """Log-probs of ``targets`` from hidden states, ``chunk_size`` positions at a time.
 
@@ -76,6 +78,8 @@ def chunked_token_logprobs(
       return_logsumexp: also return the full-vocabulary log-sum-exp per position.
       vocab_size: real vocabulary size when ``lm_head`` has padded columns beyond it
         (those are excluded from the softmax).
+      softcap: the model's ``final_logit_softcapping``: logits are ``cap * tanh(logits / cap)``
+        before the temperature (as the model's own forward and the sampler form them).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -95,6 +99,8 @@ def chunked_token_logprobs(
     def one(args):
         hc, tc = args
         logits = jnp.einsum("bch,hv->bcv", hc, lm_head.astype(hc.dtype), preferred_element_type=jnp.float32)
+        if softcap is not None:
+            logits = softcap * jnp.tanh(logits / softcap)
         logits = logits * inv_t
         if vocab_size is not None and vocab_size < v:
             logits = jnp.where(jnp.arange(v) < vocab_size, logits, -jnp.inf)
@@ -147,7 +153,8 @@ def score_completions_fn(
     Args:
       inputs: from :func:`prepare_score_inputs`: ``input_ids, attention_mask [B, S+T]``
         (prompt left-padded, then the completion), ``position_ids [3, B, S+T]``, optional
-        ``pixel_values [P, D]``, ``image_grid_thw [N, 3]``.
+        ``pixel_values [P, ...]`` (the family's pixel rows), ``image_grid_thw [N, 3]``.
+    The logits are the family's (soft-capped where the model's config says so).
       completion_tokens, completion_mask: ``[B, T]``; the completion occupies the last T
         columns of ``input_ids``.
     """
@@ -165,7 +172,7 @@ def score_completions_fn(
     return chunked_token_logprobs(
         hidden, model.lm_head_weight(), completion_tokens, completion_mask,
         chunk_size=chunk_size, top_k=top_k, temperature=temperature,
-        return_logsumexp=return_logsumexp, vocab_size=vocab_size,
+        return_logsumexp=return_logsumexp, vocab_size=vocab_size, softcap=logit_softcap(model),
     )
 
 
@@ -224,8 +231,8 @@ def score_completions(
 ) -> ScoreResult:
     """Per-token log-probs of ``completion_tokens [B, T]`` after a left-padded prompt batch.
 
-    See :func:`chunked_token_logprobs` for the outputs; ``rope_index_fn`` defaults to
-    Qwen3-VL's ``get_rope_index`` with ``model.config``. With ``mesh``, parameters and
+    See :func:`chunked_token_logprobs` for the outputs; ``rope_index_fn`` defaults to the
+    model's family position hook (:func:`jdelta.sampling.default_rope_index`). With ``mesh``, parameters and
     inputs are sharded by ``jdelta.sharding``'s rules (batch over ``data``/``fsdp``).
     """
     if rope_index_fn is None:
@@ -239,7 +246,7 @@ def score_completions(
     if mesh is not None:
         state = jax.device_put(state, state_shardings(state, mesh, rules))
         names = {"input_ids": ("batch", "seq"), "attention_mask": ("batch", "seq"),
-                 "position_ids": (None, "batch", "seq"), "pixel_values": ("patch", None),
+                 "position_ids": (None, "batch", "seq"), "pixel_values": ("patch",),
                  "image_grid_thw": (None, None)}
 
         def put(x, nm):

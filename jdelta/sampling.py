@@ -45,6 +45,8 @@ from jax.sharding import Mesh
 
 from jdelta.buckets import bucket
 from jdelta.decode_attention import kv_segments, read_prefix, write_prefix
+from jdelta.models.family import logits_from_hidden
+from jdelta.distributed import host_array
 from jdelta.sharding import Rules, activation_sharding, state_shardings
 from jdelta.top_p import apply_top_p as top_p_filter
 from jdelta.top_p import top_k_values
@@ -326,8 +328,9 @@ def pad_batch(
     pad_id: int = 0,
 ) -> dict[str, np.ndarray]:
     """Left-pad ``input_ids``/``attention_mask [B, S]`` to ``seq_len``; zero-pad ``pixel_values``
-    rows to ``num_patches`` and ``image_grid_thw`` rows (``(0,0,0)``) to ``num_images``; add
-    all-padding rows up to ``num_rows`` (their outputs are to be dropped)."""
+    rows (``[P, ...]``, any family's layout: Qwen3-VL patch rows, Gemma 3 whole images) to
+    ``num_patches`` and ``image_grid_thw`` rows (``(0,0,0)``) to ``num_images``; add all-padding
+    rows up to ``num_rows`` (their outputs are to be dropped)."""
     ids = np.asarray(batch["input_ids"], np.int32)
     mask = np.asarray(batch["attention_mask"], np.int32)
     if ids.ndim != 2 or mask.shape != ids.shape:
@@ -351,22 +354,29 @@ def pad_batch(
         m = grid.shape[0] if num_images is None else num_images
         if pv.shape[0] > p or grid.shape[0] > m:
             raise ValueError(f"{pv.shape[0]} patches / {grid.shape[0]} images exceed the bucket {p} / {m}")
-        out["pixel_values"] = np.concatenate([pv, np.zeros((p - pv.shape[0], pv.shape[1]), np.float32)])
+        out["pixel_values"] = np.concatenate([pv, np.zeros((p - pv.shape[0], *pv.shape[1:]), np.float32)])
         out["image_grid_thw"] = np.concatenate([grid, np.zeros((m - grid.shape[0], 3), np.int32)])
     return out
 
 
 def default_rope_index(model: nnx.Module) -> Callable[..., tuple[np.ndarray, np.ndarray]]:
+    """The model's position hook (its ``get_rope_index``, else its family's with its config)."""
     if hasattr(model, "get_rope_index"):
         return model.get_rope_index
-    from jdelta.models.qwen3_vl import get_rope_index
+    from jdelta.models.family import family_of_model
 
-    config = model.config
+    positions, config = family_of_model(model).positions, model.config
 
     def fn(input_ids, image_grid_thw, attention_mask):
-        return get_rope_index(input_ids, image_grid_thw, attention_mask, config)
+        return positions(input_ids, image_grid_thw, attention_mask, config)
 
     return fn
+
+
+def pixel_row_buckets(pixel_values: Any, patch_buckets: Sequence[int], image_buckets: Sequence[int]) -> Sequence[int]:
+    """The buckets of a batch's pixel rows: ``patch_buckets`` for patch rows ``[P, D]`` (Qwen3-VL),
+    ``image_buckets`` for whole images ``[P, C, H, W]`` (Gemma 3)."""
+    return patch_buckets if np.ndim(pixel_values) == 2 else image_buckets
 
 
 def _config_attr(model: nnx.Module, name: str) -> int | None:
@@ -420,9 +430,9 @@ def prefill(
         cache=cache,
         return_logits=False,
     )
-    # Left padding: the last column is every row's last real token.
-    last_hidden = out.hidden_states[:, -1, :]
-    logits = jnp.dot(last_hidden.astype(jnp.float32), model.lm_head_weight().astype(jnp.float32))
+    # Left padding: the last column is every row's last real token; the family's logits (soft-capped
+    # where configured), as the decode steps' ``return_logits=True`` calls form them.
+    logits = logits_from_hidden(model, out.hidden_states[:, -1, :], jnp.float32)
     cache = _constrain_cache(repeat_cache(out.cache, n), mesh, rules)
     return cache, jnp.repeat(logits, n, axis=0), jnp.repeat(inputs["rope_deltas"], n, axis=0)
 
@@ -552,13 +562,13 @@ class Sampler:
     """Keeps the jitted prefill/decode for one model structure and counts compilations.
 
     Args:
-      model: an NNX module with the Qwen3-VL call contract (``init_cache``,
-        ``lm_head_weight``, ``__call__(..., cache=, return_logits=)``).
+      model: an NNX module with the family call contract (:mod:`jdelta.models.family`:
+        ``init_cache``, ``lm_head_weight``, ``__call__(..., cache=, return_logits=)``).
       mesh: optional mesh; parameters are sharded by ``jdelta.sharding``'s rules, inputs
         and the cache along ``batch`` (``data``/``fsdp``), heads over ``tensor``.
       rope_index_fn: ``(input_ids [B,S], image_grid_thw [N,3] | None, attention_mask [B,S])
-        -> (position_ids [3,B,S], rope_deltas [B])`` in NumPy; default: Qwen3-VL's
-        ``get_rope_index`` with ``model.config``.
+        -> (position_ids [3,B,S], rope_deltas [B])`` in NumPy; default: the model's
+        ``get_rope_index`` (its family's position hook).
       seq_buckets / patch_buckets / image_buckets: padded shapes (see :func:`jdelta.buckets.bucket`);
         pass the prompt pipeline's when its batches are the input (then nothing is padded again).
       batch_buckets: if given, the prompt batch is padded with all-padding rows up to a
@@ -635,7 +645,8 @@ class Sampler:
         if self.batch_buckets is not None:
             kwargs["num_rows"] = bucket(ids.shape[0], self.batch_buckets)
         if pv is not None:
-            kwargs["num_patches"] = bucket(np.asarray(pv).shape[0], self.patch_buckets)
+            kwargs["num_patches"] = bucket(np.asarray(pv).shape[0],
+                                           pixel_row_buckets(pv, self.patch_buckets, self.image_buckets))
             kwargs["num_images"] = bucket(np.asarray(batch["image_grid_thw"]).reshape(-1, 3).shape[0],
                                           self.image_buckets)
         out = pad_batch(batch, **kwargs)
@@ -650,7 +661,7 @@ class Sampler:
             "attention_mask": ("batch", "seq"),
             "position_ids": (None, "batch", "seq"),
             "rope_deltas": ("batch",),
-            "pixel_values": ("patch", None),
+            "pixel_values": ("patch",),
             "image_grid_thw": (None, None),
         }
         return {k: self._put(v, names[k]) for k, v in host.items() if k in names}
@@ -697,6 +708,7 @@ class Sampler:
         out = self._decode(graphdef, state, cache, logits, deltas, rng, jnp.float32(params.temperature or 1.0),
                            jnp.float32(params.top_p), jnp.asarray(stops), live, params=structure, pad_id=self.pad_id,
                            options=self.decode_options)
+        out = jax.tree.map(host_array, out)  # a global array spanning several processes is gathered
         tokens = np.asarray(out.tokens)[:keep]
         t2 = time.perf_counter()
         compiled = self.compile_count - before

@@ -163,3 +163,46 @@ CASES = {
     "two_images": [[3, "img", 4, "img", 5]],
     "batch_left_padding": [[3, "img", 2, "img", 4], [6, "img", 3], [9], [2, "img", 12]],
 }
+
+
+# ----------------------------------------------------------------------------- models for a tokenizer (jdelta only)
+
+
+def tiny_config_for_tokenizer(tokenizer, *, hidden: int = 32, layers: int = 2, vision_hidden: int = 16,
+                              image_size: int = IMAGE_SIZE, tokens_per_image: int = TOKENS_PER_IMAGE,
+                              window: int = WINDOW, softcap: float | None = None):
+    """A tiny jdelta Gemma 3 config for a Gemma 3-style ``tokenizer`` (its special ids; vocabulary
+    rounded up to 64): ``layers`` decoder layers alternating local / global, 2 heads of 16 (1 KV head),
+    a 1-layer SigLIP on ``image_size`` px images of 4 px patches pooled to ``tokens_per_image`` tokens."""
+    from jdelta.models.gemma3 import Gemma3Config, Gemma3TextConfig, RopeSpec, SiglipVisionConfig
+    from jdelta.models.gemma3.chat import Gemma3SpecialTokens
+
+    sp = Gemma3SpecialTokens.from_tokenizer(tokenizer)
+    vocab = -(-len(tokenizer) // 64) * 64
+    text = Gemma3TextConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, sliding_window=window,
+        max_position_embeddings=4096, final_logit_softcapping=softcap,
+        layer_types=tuple("full_attention" if i % 2 else "sliding_attention" for i in range(layers)),
+        rope_global=RopeSpec(1000.0), rope_local=RopeSpec(10000.0))
+    vision = SiglipVisionConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=1,
+                                num_attention_heads=2, image_size=image_size, patch_size=4)
+    return Gemma3Config(text=text, vision=vision, mm_tokens_per_image=tokens_per_image, image_token_id=sp.image,
+                        boi_token_id=sp.boi, eoi_token_id=sp.eoi, tie_word_embeddings=True)
+
+
+def make_random_gemma3_dir(config, tokenizer, path, seed: int = 0, *, logit_scale: float = 1.0):
+    """A randomly initialised jdelta Gemma 3 (``nnx.Rngs(seed)``; ``logit_scale`` multiplies the tied
+    embedding, so the logits) saved in HF layout with ``tokenizer`` beside it."""
+    from pathlib import Path
+
+    from jdelta.models.gemma3 import Gemma3ForConditionalGeneration, save_hf_checkpoint
+
+    path = Path(path)
+    model = Gemma3ForConditionalGeneration(config, rngs=nnx.Rngs(seed))
+    if logit_scale != 1.0:
+        emb = model.language_model.embed_tokens
+        emb.set_value(emb.get_value() * logit_scale)
+    save_hf_checkpoint(model, config, path)
+    tokenizer.save_pretrained(str(path))
+    return path

@@ -8,8 +8,11 @@ compile a handful of programs:
 
 - ``input_ids [B, S]`` int32, LEFT-padded with the pad id (``S`` from ``seq_buckets``)
 - ``attention_mask [B, S]`` int32, ``mm_token_type_ids [B, S]`` int32 (1 at image tokens)
-- ``pixel_values [P, 3*T*p*p]`` float32, all images of the batch in row order, zero rows padded
-  (``P`` from ``patch_buckets``); ``image_grid_thw [N, 3]`` int32, ``(0, 0, 0)`` rows padded
+- ``pixel_values [P, ...]`` float32, all images of the batch in row order, zero rows padded, in the
+  model family's layout (``family``; :mod:`jdelta.data.prompt_format`): Qwen3-VL patch rows
+  ``[P, 3*T*p*p]`` (``P`` from ``patch_buckets``), Gemma 3 whole images ``[P, 3, S, S]`` (``P``
+  from ``image_buckets``); ``image_grid_thw [N, 3]`` int32 (``prod`` = an image's pixel rows:
+  Qwen3-VL ``(t, h, w)``, Gemma 3 ``(1, 1, 1)``), ``(0, 0, 0)`` rows padded
 - ``record_index [B]`` int64 (index in the source; -1 on padding rows of a short final batch)
 - ``ids``, ``answers``, ``answer_types``, ``families`` ``[B]`` object arrays ("" / None on padding rows)
 - ``records`` ``[B]`` object array: each row's :class:`~jdelta.data.records.PromptRecord` as parsed by
@@ -47,17 +50,12 @@ import numpy as np
 
 from jdelta.buckets import bucket
 from jdelta.config import build, check
-from jdelta.data.chat import build_prompt, with_answer
-from jdelta.data.image_processor import (
-    ImageConfig,
-    ImageError,
-    decode_image,
-    normalise_patches,
-    pixelate,
-    process_images_uint8,
-)
+from jdelta.data.chat import with_answer
+from jdelta.data.image_processor import ImageConfig, ImageError, decode_image, pixelate
+from jdelta.data.prompt_format import prompt_format
 from jdelta.data.records import ListSource, PromptRecord, RecordError
-from jdelta.data.tokenizer import SpecialTokens, load_tokenizer
+from jdelta.data.tokenizer import load_tokenizer
+from jdelta.models.gemma3.prompt_format import Gemma3PipelineConfig
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +73,9 @@ class PipelineConfig:
     patch_buckets: tuple[int, ...] = (512, 1024, 2048, 4096, 8192, 16384, 32768)
     # Rows of ``image_grid_thw`` per batch (same rounding rule).
     image_buckets: tuple[int, ...] = (8, 16, 32, 64)
-    image: ImageConfig = field(default_factory=ImageConfig)
+    family: Literal["qwen3_vl", "gemma3"] = "qwen3_vl"  # the models' prompt format (jdelta.models.family)
+    image: ImageConfig = field(default_factory=ImageConfig)  # family qwen3_vl's image settings
+    gemma3: Gemma3PipelineConfig = field(default_factory=Gemma3PipelineConfig)  # family gemma3's
     system: str | None = None
     enable_thinking: bool | None = None
     with_hint: bool = False  # also emit the privileged teacher prompt (ViCuR; see the module docstring)
@@ -167,7 +167,8 @@ class ProcessRecord:
         self.source = source
         self.tokenizer = tokenizer
         self.config = config
-        self.special = SpecialTokens.from_tokenizer(tokenizer)
+        self.format = prompt_format(tokenizer, config)
+        self.special = self.format.special
 
     def __call__(self, item: tuple[int, Any]) -> dict:
         index, raw = item
@@ -204,18 +205,9 @@ class ProcessRecord:
             )
         pil_images = [decode_image(rec.image_bytes(i), record=rec.id, name=rec.image_name(i))
                       for i in range(len(rec.images))]
-        # Patches stay uint8 until collate normalises them into the batch buffer (4x less copying).
-        pixel_values, grids = process_images_uint8(pil_images, config=cfg.image, record=rec.id)
-        grid_list = [tuple(int(v) for v in g) for g in grids]
-        prompt = build_prompt(
-            self.tokenizer,
-            rec.question,
-            grid_list,
-            system=cfg.system,
-            merge_size=cfg.image.merge_size,
-            enable_thinking=cfg.enable_thinking,
-            special=self.special,
-        )
+        # The family's pixel rows (Qwen3-VL: uint8 patches, normalised by collate: 4x less copying).
+        pixel_values, grids, layout = self.format.images(pil_images, record=rec.id)
+        prompt = self.format.prompt(rec.question, layout)
         if len(prompt) > cfg.seq_buckets[-1]:
             return self._fail(
                 where, "prompt_too_long", f"prompt has {len(prompt)} tokens > {cfg.seq_buckets[-1]}", index, rec.id
@@ -242,16 +234,7 @@ class ProcessRecord:
                 what = "reference answer" if cfg.privileged == "answer" else "cue hint (cues.hint)"
                 return self._fail(where, f"missing_{cfg.privileged}",
                                   f"no {what} for the privileged teacher prompt (with_hint)", index, rec.id)
-            teacher = build_prompt(
-                self.tokenizer,
-                question,
-                grid_list,
-                system=cfg.system,
-                merge_size=cfg.image.merge_size,
-                enable_thinking=cfg.enable_thinking,
-                hint=hint,
-                special=self.special,
-            )
+            teacher = self.format.prompt(question, layout, hint=hint)
             if len(teacher) > cfg.seq_buckets[-1]:
                 return self._fail(
                     where,
@@ -263,9 +246,8 @@ class ProcessRecord:
             ex["teacher_input_ids"] = teacher.input_ids
             ex["teacher_mm_token_type_ids"] = teacher.mm_token_type_ids
         if cfg.with_pixelated:
-            ex["pixel_values_pixelated"], _ = process_images_uint8(
-                [pixelate(im) for im in pil_images], config=cfg.image
-            )
+            ex["pixel_values_pixelated"], _, _ = self.format.images([pixelate(im) for im in pil_images],
+                                                                    record=rec.id)
         return ex
 
 
@@ -279,25 +261,19 @@ def _left_pad(seqs: Sequence[np.ndarray], rows: int, length: int, value: int) ->
     return out
 
 
-def collate(examples: Sequence[dict], config: PipelineConfig, pad_id: int) -> dict[str, np.ndarray]:
-    """Pad ``examples`` (at most ``batch_size``) into one statically shaped batch (see module doc)."""
+def collate(examples: Sequence[dict], config: PipelineConfig, pad_id: int, fmt=None) -> dict[str, np.ndarray]:
+    """Pad ``examples`` (at most ``batch_size``) into one statically shaped batch (see module doc);
+    ``fmt``: the family's prompt format (:mod:`jdelta.data.prompt_format`) that made them."""
+    fmt = fmt if fmt is not None else prompt_format(None, config)
     b = config.batch_size
     seq_len = bucket(max(len(e["input_ids"]) for e in examples), config.seq_buckets)
     patches = sum(len(e["pixel_values"]) for e in examples)
     n_images = sum(len(e["image_grid_thw"]) for e in examples)
-    p_rows = bucket(max(patches, 1), config.patch_buckets)
+    p_rows = fmt.pixel_rows(patches)
     n_rows = bucket(max(n_images, 1), config.image_buckets)
-    dim = config.image.patch_dim
 
     def pixels(key: str) -> np.ndarray:
-        out = np.empty((p_rows, dim), np.float32)
-        row = 0
-        for e in examples:
-            n = len(e[key])
-            normalise_patches(e[key], config.image.temporal_patch_size, out=out[row : row + n])
-            row += n
-        out[row:] = 0.0
-        return out
+        return fmt.collate_pixels([e[key] for e in examples], p_rows)
 
     grid = np.zeros((n_rows, 3), np.int32)
     if n_images:
@@ -345,6 +321,7 @@ class PromptBatchIterator(grain.DatasetIterator):
         super().__init__(parent)
         self._config = config
         self._pad_id = pad_id
+        self._format = prompt_format(None, config)
         self.skip_report = SkipReport()
         # With keep_skipped: one entry per record left out (record_index, id, reason, message), in
         # the order met; for stages that account for every input record (not kept in the state).
@@ -373,7 +350,7 @@ class PromptBatchIterator(grain.DatasetIterator):
                 log("prompt pipeline finished after %d batches; %s", self.batches, self.skip_report.summary())
             raise StopIteration
         self.batches += 1
-        return collate(examples, self._config, self._pad_id)
+        return collate(examples, self._config, self._pad_id, self._format)
 
     def get_state(self) -> dict:
         return {
@@ -507,7 +484,7 @@ def make_prompt_batches(
                 num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer_size
             )
         )
-    return iter(PromptBatchDataset(examples, cfg, SpecialTokens.from_tokenizer(tok).pad, keep_skipped))
+    return iter(PromptBatchDataset(examples, cfg, prompt_format(tok, cfg).special.pad, keep_skipped))
 
 
 def config_from_dict(d: dict) -> PipelineConfig:

@@ -72,6 +72,21 @@ class SpecialTokens:
         """Tokens that end generation (``<|im_end|>`` and ``<|endoftext|>``)."""
         return (self.im_end, self.endoftext)
 
+    @property
+    def image(self) -> int:
+        """The image placeholder id (the family-generic name, :func:`jdelta.models.family.prompt_special_tokens`)."""
+        return self.image_pad
+
+    @property
+    def sink(self) -> int:
+        """The token that opens a turn (``<|im_start|>``; the cue-recovery module's sink)."""
+        return self.im_start
+
+    @property
+    def vision_ids(self) -> tuple[int, ...]:
+        """Ids that mark images and videos in a prompt (never in a text response)."""
+        return (self.image_pad, self.video_pad, self.vision_start, self.vision_end)
+
     @classmethod
     def from_tokenizer(cls, tokenizer) -> SpecialTokens:
         def tid(token: str) -> int:

@@ -26,17 +26,18 @@ RopeIndexFn = Callable[..., tuple[np.ndarray, np.ndarray]]
 
 
 def rope_index_fn(model: nnx.Module) -> RopeIndexFn:
-    """The model's M-RoPE position function (its ``get_rope_index``, or Qwen3-VL's with its config)."""
+    """The model's position function (its ``get_rope_index``, else its family's with its config)."""
     from jdelta.sampling import default_rope_index
 
     return default_rope_index(model)
 
 
 def special_ids(model: nnx.Module) -> tuple[int, ...]:
-    """Token ids a completion must not contain (they would be read as image placeholders)."""
-    cfg = getattr(model, "config", None)
-    names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
-    return tuple(int(getattr(cfg, n)) for n in names if getattr(cfg, n, None) is not None)
+    """Token ids a completion must not contain (they would be read as image placeholders or
+    image boundaries; any family's, :func:`jdelta.models.family.vision_special_ids`)."""
+    from jdelta.models.family import vision_special_ids
+
+    return vision_special_ids(getattr(model, "config", None))
 
 
 def cut_at_special(tokens: np.ndarray, lengths: np.ndarray, ids: tuple[int, ...]) -> tuple[np.ndarray, int]:
@@ -68,7 +69,7 @@ def cut_at_padded_ids(tokens: np.ndarray, lengths: np.ndarray, vocab_size: int |
 def model_inputs(batch: Mapping[str, jax.Array], prefix: str = "") -> dict[str, Any]:
     """Train-batch layout (per-sample, splittable) -> the model's call layout.
 
-    ``position_ids [B, 3, S] -> [3, B, S]``; ``pixel_values [B, P, D] -> [B*P, D]``.
+    ``position_ids [B, 3, S] -> [3, B, S]``; ``pixel_values [B, P, ...] -> [B*P, ...]`` (any family's rows).
     """
     pv, grid = flatten_vision(batch.get(prefix + "pixel_values"), batch.get(prefix + "image_grid_thw"))
     return {

@@ -6,6 +6,11 @@ student's current parameters and has the teacher score them. The loop owns the
 rest: resume from the latest checkpoint (train state and Grain iterator), the time
 split per phase, tokens/s, JSONL/TensorBoard metrics, a tqdm bar, non-finite-step
 accounting and a clean checkpoint-and-exit on SIGTERM.
+
+Multi-host: every process runs the loop on the same global batches. After each step the processes
+agree whether any of them was sent SIGTERM (:func:`jdelta.distributed.any_process`, one tiny
+all-gather), so all save the same step (Orbax writes each process's shards and every process's
+data-iterator state) and stop together; the rerun restores that step on every process.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import jax
 from tqdm.auto import tqdm
 
 from jdelta.checkpoint import Checkpointer, PreemptionGuard
+from jdelta.distributed import any_process
 from jdelta.distill.metrics import MetricsLogger, to_python
 from jdelta.distill.train_state import TrainState
 
@@ -142,7 +148,7 @@ def run_loop(
                     f"{int(state.nan_steps)} steps had a non-finite loss or gradient (max_nan_steps="
                     f"{max_nan_steps}); stopping at step {step}. Skipped steps left the parameters unchanged."
                 )
-            if guard.triggered:
+            if any_process(guard.triggered):  # a SIGTERM to any process: every process saves this step
                 save(force=True)
                 preempted = True
                 log.warning("preempted: saved step %d and stopping", step)

@@ -211,12 +211,19 @@ def vocab_size_of(model: nnx.Module) -> int:
 
 
 def check_vocabularies(student: nnx.Module, teacher: nnx.Module) -> int:
-    """Raise unless the two LM heads cover the same vocabulary; returns its size."""
+    """Raise unless the two LM heads cover the same vocabulary and neither soft-caps its logits
+    (the chunked divergences form ``hidden @ head`` uncapped); returns the vocabulary size."""
+    from jdelta.models.family import logit_softcap
+
     vs, vt = vocab_size_of(student), vocab_size_of(teacher)
     if vs != vt:
         raise ValueError(
             f"teacher and student vocabularies differ (student LM head has {vs} entries, teacher {vt}); "
             "per-token distillation needs the same tokenizer and vocabulary")
+    for role, model in (("student", student), ("teacher", teacher)):
+        if logit_softcap(model) is not None:
+            raise ValueError(f"the {role} soft-caps its logits (final_logit_softcapping={logit_softcap(model)}); "
+                             "the chunked distillation losses do not (no released Gemma 3 sets it)")
     return vs
 
 

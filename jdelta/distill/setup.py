@@ -2,11 +2,12 @@
 
 * :class:`DistillModelSpec`: a :class:`jdelta.config.ModelSpec` (HF checkpoint ``path``) or, for
   smoke tests and the demo config, ``random``: a tiny random Qwen3-VL (:class:`RandomModelConfig`).
-  :func:`build_model` makes either.
+  :func:`build_model` makes either; a checkpoint may be of any family (``config.json``'s ``model_type``).
 * :class:`DataConfig`: where prompt (or SFT) batches come from; :func:`prompt_source` opens it as a
   :class:`PromptSource` whose iterator is checkpointable for every source, so a resumed run sees
   the batches an uninterrupted one would have.
-* :func:`check_tokenizers`: teacher, student and data tokenizers compared by content.
+* :func:`check_tokenizers`: teacher, student and data tokenizers compared by content; teacher and
+  student of different vocabularies (e.g. across families) refused in one line naming both.
 """
 
 from __future__ import annotations
@@ -93,7 +94,10 @@ class DataConfig:
     pipeline with ``tokenizer``), ``sft_jsonl`` (pre-tokenised ``prompt_ids``/``response_ids`` at
     ``path``; method sft; ``pad_id``) or ``sample_output`` (``jdelta sample`` JSONL at ``path`` joined
     to the ``prompts`` records it was sampled from; method sft; ``drop_truncated`` leaves out
-    length-capped samples). batch_size: prompts per step. seed: shuffle / stream seed.
+    length-capped samples; ``response``: train on the sampled ``token_ids`` as they are, or on the
+    sampled ``text`` tokenised by ``tokenizer`` (plus its end-of-turn id after a stopped sample): SFT
+    of a student of another family / tokenizer on the teacher's outputs).
+    batch_size: prompts per step. seed: shuffle / stream seed.
     pipeline: the prompt pipeline (records, sample_output); its image settings default to the
     student's patch layout, and batch_size / num_epochs / drop_remainder / with_pixelated are set
     by the stage. The pipeline settings must match the sampler's for sample_output.
@@ -109,6 +113,7 @@ class DataConfig:
     stop_token_ids: tuple[int, ...] = (3,)
     pad_id: int = 0
     drop_truncated: bool = False
+    response: Literal["token_ids", "text"] = "token_ids"
     pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
 
     def __post_init__(self):
@@ -168,37 +173,42 @@ def prompt_source(data: DataConfig, student_config, *, mode: str = "reverse_kl",
 
         it = sft_batches(read_sft_records(data.path), batch_size=data.batch_size, seed=data.seed, pad_id=data.pad_id)
         return PromptSource(it, it, (), data.pad_id)
-    from jdelta.data.tokenizer import SpecialTokens, load_tokenizer
+    from jdelta.data.tokenizer import load_tokenizer
+    from jdelta.models.family import prompt_special_tokens
 
     tok = load_tokenizer(data.tokenizer)
-    sp = SpecialTokens.from_tokenizer(tok)
+    sp = prompt_special_tokens(tok)
     pcfg = pipeline_for(data, student_config, with_pixelated=mode == "va_opd", teacher_prompt=teacher_prompt)
     if data.source == "sample_output":
         from jdelta.distill.sft import sample_sft_batches
 
         it = sample_sft_batches(data.path, data.prompts, tokenizer=tok, config=pcfg, seed=data.seed,
-                                drop_truncated=data.drop_truncated)
+                                drop_truncated=data.drop_truncated, response=data.response)
     else:
-        from jdelta.data.pipeline import make_prompt_batches
         from jdelta.data.records import open_records
+        from jdelta.distributed import prompt_batches
 
-        it = make_prompt_batches(open_records(data.path), tokenizer=tok, seed=data.seed, config=pcfg)
+        # multi-host: each process reads its slice of every global batch, all train on the same batches
+        it = prompt_batches(open_records(data.path), tokenizer=tok, seed=data.seed, config=pcfg)
     return PromptSource(it, it, tuple(sp.stop_ids), int(sp.pad), tok)
 
 
 def pipeline_for(data: DataConfig, student_config, *, with_pixelated: bool,
                  teacher_prompt: Literal["hint", "answer"] | None = None) -> PipelineConfig:
-    """``data.pipeline`` for an endless stream of whole ``data.batch_size`` batches; the image
-    settings default to the student's patch layout; ``teacher_prompt``: also the privileged
-    teacher prompts (``with_hint``, ``privileged``)."""
+    """``data.pipeline`` for an endless stream of whole ``data.batch_size`` batches; the prompt
+    format is the student's family's (``family``), the image settings default to the student's
+    (Qwen3-VL: patch layout, unless set; Gemma 3: image size and soft tokens per image);
+    ``teacher_prompt``: also the privileged teacher prompts (``with_hint``, ``privileged``)."""
     from jdelta.data.image_processor import ImageConfig
-    from jdelta.models.loading import image_config_for
+    from jdelta.models.family import family_of_config
+    from jdelta.models.loading import with_model_images
 
     pcfg = dataclasses.replace(data.pipeline, batch_size=data.batch_size, num_epochs=None, drop_remainder=True,
                                with_pixelated=with_pixelated, with_hint=teacher_prompt is not None,
                                privileged=teacher_prompt or "hint")
-    if pcfg.image == ImageConfig():
-        pcfg = dataclasses.replace(pcfg, image=image_config_for(student_config))
+    family = family_of_config(student_config).name
+    if family != "qwen3_vl" or pcfg.image == ImageConfig():
+        pcfg = with_model_images(pcfg, student_config)
     return pcfg
 
 
@@ -209,9 +219,14 @@ def check_tokenizers(student: DistillModelSpec, teacher: DistillModelSpec | None
                      data_tokenizer: str | None = None) -> None:
     """Raise (one line naming both directories) unless the checkpoints' tokenizers, and the data
     tokenizer directory if given, have the same vocabulary and special tokens. Random models and
-    checkpoint directories without ``tokenizer.json`` are not compared (the LM head sizes still are)."""
+    checkpoint directories without ``tokenizer.json`` are not compared (the LM head sizes still are).
+    A teacher whose family or vocabulary differs from the student's is refused first, in one line
+    naming both vocabularies (:func:`jdelta.models.loading.check_cross_family`)."""
     from jdelta.data.tokenizer import load_tokenizer
     from jdelta.models.loading import check_same_tokenizer
+
+    if teacher is not None:
+        check_teacher_vocabulary(student, teacher)
 
     found: list[tuple[str, Any]] = []
     for role, spec in (("student", student), ("teacher", teacher)):
@@ -225,3 +240,29 @@ def check_tokenizers(student: DistillModelSpec, teacher: DistillModelSpec | None
         found.append((f"data.tokenizer {data_tokenizer}", load_tokenizer(data_tokenizer)))
     for (name_a, a), (name_b, b) in zip(found, found[1:], strict=False):
         check_same_tokenizer(a, b, names=(name_a, name_b))
+
+
+def _spec_config(spec: DistillModelSpec):
+    """The model config a spec stands for (read from ``config.json``, or the random model's)."""
+    if spec.random is not None:
+        from jdelta.testing import tiny_config
+
+        return tiny_config(hidden=spec.random.hidden, layers=spec.random.layers, vocab=spec.random.vocab)
+    from jdelta.models.family import family_of_checkpoint
+    from jdelta.models.loading import check_checkpoint_dir
+
+    path = check_checkpoint_dir(spec.path, "model")
+    return family_of_checkpoint(path).config_class.from_pretrained(path)
+
+
+def check_teacher_vocabulary(student: DistillModelSpec, teacher: DistillModelSpec) -> None:
+    """Refuse an on-policy teacher whose family or vocabulary differs from the student's, before
+    anything is loaded: one line with both vocabularies' sizes and tokenizer fingerprints."""
+    from jdelta.data.tokenizer import load_tokenizer
+    from jdelta.models.loading import check_cross_family
+
+    def tok(spec):
+        ok = spec.path is not None and (Path(spec.path) / "tokenizer.json").is_file()
+        return load_tokenizer(spec.path) if ok else None
+
+    check_cross_family(_spec_config(teacher), _spec_config(student), tok(teacher), tok(student))

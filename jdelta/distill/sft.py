@@ -45,6 +45,7 @@ from jdelta.distill.batch import (
 from jdelta.distill.loop import StepInput
 from jdelta.distill.train_state import TrainState
 from jdelta.logprobs import chunked_token_logprobs
+from jdelta.models.family import logit_softcap
 from jdelta.sharding import Rules, activation_sharding
 
 logger = logging.getLogger(__name__)
@@ -76,13 +77,15 @@ class SFTConfig:
         return self if self.pad_id is not None else dataclasses.replace(self, pad_id=int(pad_id))
 
 
-def chunked_nll(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, *, chunk_size: int) -> jax.Array:
-    """Per-token ``-log p(target)`` ``[B, T]`` (float32) from ``hidden [B, T, H]`` and ``lm_head [H, V]``.
+def chunked_nll(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, *, chunk_size: int,
+                softcap: float | None = None) -> jax.Array:
+    """Per-token ``-log p(target)`` ``[B, T]`` (float32) from ``hidden [B, T, H]`` and ``lm_head [H, V]``
+    (``softcap``: the model's ``final_logit_softcapping``).
 
     ``chunk_size`` positions at a time under ``jax.checkpoint``: forward and backward peak at
     ``B * chunk_size * V`` logits instead of ``B * T * V``.
     """
-    return -chunked_token_logprobs(hidden, lm_head, targets, chunk_size=chunk_size).token_logprobs
+    return -chunked_token_logprobs(hidden, lm_head, targets, chunk_size=chunk_size, softcap=softcap).token_logprobs
 
 
 def make_sft_loss(cfg: SFTConfig):
@@ -92,7 +95,8 @@ def make_sft_loss(cfg: SFTConfig):
         del rng, shared
         comp, mask = batch["completion"], batch["completion_mask"]
         hidden = completion_hidden(student, batch["input_ids"], model_inputs(batch), comp.shape[1])
-        nll = chunked_nll(hidden, student.lm_head_weight(), comp, chunk_size=cfg.chunk_size)
+        nll = chunked_nll(hidden, student.lm_head_weight(), comp, chunk_size=cfg.chunk_size,
+                          softcap=logit_softcap(student))
         loss = losses.reduce_masked(nll, mask, cfg.reduction)
         maskf = mask.astype(jnp.float32)
         return loss, {"nll": (nll * maskf).sum() / jnp.maximum(maskf.sum(), 1.0), "completion_tokens": maskf.sum()}
@@ -200,7 +204,8 @@ class SampleRow:
 
 
 def read_sample_output(path: str | Path, prompts, *, drop_truncated: bool = False,
-                       vision_ids: Sequence[int] = ()) -> tuple[list[SampleRow], Any]:
+                       vision_ids: Sequence[int] = (), retokenize: Any = None,
+                       end_id: int | None = None) -> tuple[list[SampleRow], Any]:
     """Read ``jdelta sample`` output (its run directory, or the ``samples.jsonl`` in it) and join
     each line to its record in ``prompts`` (a records source, see ``jdelta.data.records``) by
     ``prompt_id``.
@@ -209,6 +214,10 @@ def read_sample_output(path: str | Path, prompts, *, drop_truncated: bool = Fals
     ``missing_prompt`` (no record with that id), ``truncated`` (``finish_reason == "length"``
     when ``drop_truncated``), ``vision_token_in_response`` (a response holding a vision
     placeholder id from ``vision_ids``). A malformed line raises naming file and line.
+
+    ``retokenize``: a tokenizer; each response becomes its ``text`` tokenised by it, plus
+    ``end_id`` after a stopped sample (``finish_reason == "stop"``): the responses of a teacher
+    with another tokenizer (another model family) as the student's tokens.
     """
     from jdelta.data.pipeline import SkipReport
 
@@ -258,6 +267,20 @@ def read_sample_output(path: str | Path, prompts, *, drop_truncated: bool = Fals
             skips.add("vision_token_in_response", f"{where}: response holds vision placeholder ids "
                                                   f"{sorted(vision & set(ids))}")
             continue
+        if retokenize is not None:
+            text = d.get("text")
+            if not isinstance(text, str):
+                raise ValueError(f"{where}: needs a string 'text' to retokenize (data.response=text)")
+            ids = list(retokenize(text, add_special_tokens=False)["input_ids"])
+            if d["finish_reason"] == "stop" and end_id is not None:
+                ids.append(int(end_id))
+            if not ids:
+                skips.add("empty_response", f"{where}: the response text is empty")
+                continue
+            if vision & set(ids):
+                skips.add("vision_token_in_response", f"{where}: the retokenized response holds vision "
+                                                      f"placeholder ids {sorted(vision & set(ids))}")
+                continue
         rows.append(SampleRow(n, pid, int(ri), int(d.get("sample_index", 0)), tuple(ids)))
     if not rows:
         raise ValueError(f"{path}: no usable samples; {skips.summary()}")
@@ -323,26 +346,57 @@ class SampleSFTIterator(grain.DatasetIterator):
         return f"SampleSFTIterator({len(self._rows)} samples)"
 
 
+def check_sample_tokenizer(samples: str | Path, tokenizer) -> None:
+    """Refuse to train on ``jdelta sample`` token ids written by another tokenizer: the run
+    directory's manifest records the sampler's tokenizer fingerprint (a bare ``samples.jsonl`` has none)."""
+    from jdelta.models.loading import tokenizer_fingerprint
+
+    path = Path(samples)
+    manifest = (path if path.is_dir() else path.parent) / "manifest.json"
+    if not manifest.is_file():
+        return
+    try:
+        recorded = json.loads(manifest.read_text())["inputs"]["tokenizer"]["fingerprint"]
+    except (ValueError, KeyError, TypeError):
+        return
+    mine = tokenizer_fingerprint(tokenizer)
+    if recorded != mine:
+        raise ValueError(f"{path}: the samples' token ids are of another tokenizer (sha256 {recorded[:12]}, the data "
+                         f"tokenizer's is {mine[:12]}): use data.response=text to retokenize the sampled text")
+
+
 def sample_sft_batches(samples: str | Path, prompts, *, tokenizer, config, seed: int = 0, shuffle: bool = True,
                        drop_truncated: bool = False, process_index: int | None = None,
-                       process_count: int | None = None) -> SampleSFTIterator:
+                       process_count: int | None = None, response: str = "token_ids") -> SampleSFTIterator:
     """SFT batches from ``jdelta sample`` output ``samples`` and the prompt records ``prompts``
     (a path or a records source) it was sampled from. ``config`` is the
     :class:`jdelta.data.pipeline.PipelineConfig` (use the sampler's image and chat settings);
     each batch is the pipeline's prompt batch (``pixel_values [P, D]``, ``image_grid_thw [N, 3]``)
-    with the responses added (see :class:`SampleSFTIterator`)."""
+    with the responses added (see :class:`SampleSFTIterator`). ``response="text"``: the responses are
+    the samples' text tokenised by ``tokenizer`` (a teacher of another family; see
+    :func:`read_sample_output`), else their ``token_ids`` as sampled."""
     from jdelta.data.pipeline import make_prompt_batches
     from jdelta.data.records import open_records
-    from jdelta.data.tokenizer import SpecialTokens, load_tokenizer
+    from jdelta.data.tokenizer import load_tokenizer
+    from jdelta.models.family import prompt_special_tokens
 
+    if response not in ("token_ids", "text"):
+        raise ValueError(f"response must be 'token_ids' or 'text', got {response!r}")
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
-    sp = SpecialTokens.from_tokenizer(tok)
+    sp = prompt_special_tokens(tok)
+    if response == "token_ids":
+        check_sample_tokenizer(samples, tok)
     src = open_records(prompts) if isinstance(prompts, (str, Path)) else prompts
-    rows, skips = read_sample_output(samples, src, drop_truncated=drop_truncated,
-                                     vision_ids=(sp.image_pad, sp.video_pad, sp.vision_start, sp.vision_end))
+    rows, skips = read_sample_output(samples, src, drop_truncated=drop_truncated, vision_ids=sp.vision_ids,
+                                     retokenize=tok if response == "text" else None, end_id=sp.stop_ids[0])
     if skips.total:
         logger.warning("%s: %d samples kept; %s", samples, len(rows), skips.summary())
-    parent = make_prompt_batches(_JoinedSource(src, [r.record_index for r in rows]), tokenizer=tok, seed=seed,
-                                 shuffle=shuffle, config=config, process_index=process_index,
-                                 process_count=process_count)
+    joined = _JoinedSource(src, [r.record_index for r in rows])
+    if process_index is None and process_count is None:  # one program (multi-host: the same global batches)
+        from jdelta.distributed import prompt_batches
+
+        parent = prompt_batches(joined, tokenizer=tok, seed=seed, shuffle=shuffle, config=config)
+    else:
+        parent = make_prompt_batches(joined, tokenizer=tok, seed=seed, shuffle=shuffle, config=config,
+                                     process_index=process_index, process_count=process_count)
     return SampleSFTIterator(parent, rows, skips, int(sp.pad))

@@ -32,10 +32,22 @@ outside a family's package (sampler, scoring, losses, distillation, stages) may 
 * **Prompts** -- ``family.chat``: the module that renders the family's chat format and expands
   image placeholders to the image tokens (special tokens looked up from the tokenizer).
 
+* **Pixel rows** -- every family's batch layout is ``pixel_values [P, ...]`` (rows: Qwen3-VL's
+  patch rows ``[P, D]``, Gemma 3's whole images ``[P, 3, S, S]``) plus ``image_grid_thw [N, 3]``
+  whose row ``i`` has ``prod = `` the pixel rows of image ``i`` (Qwen3-VL: ``(t, h, w)``; Gemma 3:
+  ``(1, 1, 1)``, one row per image or pan-and-scan crop); ``(0, 0, 0)`` rows and pixel rows past
+  the images are padding. So padding, per-sample stacking and flattening are family-free.
+* **Prompt pipeline** -- ``family.prompt_format(tokenizer, pipeline_config)`` (a
+  :class:`PromptFormat`): the pipeline's per-record image processing, prompt tokens and pixel
+  collation; :func:`prompt_special_tokens` gives the tokenizer's ``pad``, ``stop_ids``, ``image``
+  (placeholder id) and ``sink`` (first token of a turn) for whichever family's chat format it carries.
+* **Logits** -- :func:`logits_from_hidden` (soft-capped where the config says so) and
+  :func:`logit_softcap`; code that forms logits from ``hidden @ lm_head_weight()`` itself must
+  apply the cap (:mod:`jdelta.logprobs`) or refuse a capped model (the distillation losses).
+* **Special ids** -- :func:`vision_special_ids`: ids a completion must not hold (placeholders).
+
 Entries hold ``"module:attribute"`` references resolved on use, so importing this module imports
-no model code. Known gaps (see each family's docs): the sampler's bucket padding handles
-Qwen3-VL's patch rows only, and its logits skip ``final_logit_softcapping`` (None in every
-released Gemma 3).
+no model code.
 """
 
 from __future__ import annotations
@@ -47,6 +59,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import jax
+import jax.numpy as jnp
 
 
 class FamilyModel(Protocol):
@@ -88,6 +101,10 @@ class ModelFamily:
     bundled_config_ref: str
     image_processing_ref: str | None
     chat_ref: str | None
+    prompt_format_ref: str | None = None
+    special_tokens_ref: str | None = None
+    describe_ref: str | None = None
+    bundled_prefix: str = ""  # bundled config names: ``<prefix><size>`` (jdelta/configs/models)
 
     @property
     def config_class(self):
@@ -125,6 +142,21 @@ class ModelFamily:
     def chat(self):
         return _resolve(self.chat_ref)
 
+    @property
+    def describe(self):
+        """``config -> list[str]``: human-readable shape lines."""
+        return _resolve(self.describe_ref)
+
+    @property
+    def prompt_format(self):
+        """``(tokenizer, pipeline_config) -> PromptFormat`` (the prompt pipeline's family part)."""
+        return _resolve(self.prompt_format_ref)
+
+    @property
+    def special_tokens(self):
+        """The class whose ``from_tokenizer(tok)`` gives ``pad``, ``stop_ids``, ``image``, ``sink``."""
+        return _resolve(self.special_tokens_ref)
+
 
 FAMILIES: dict[str, ModelFamily] = {
     "qwen3_vl": ModelFamily(
@@ -139,6 +171,10 @@ FAMILIES: dict[str, ModelFamily] = {
         bundled_config_ref="jdelta.models.qwen3_vl.info:bundled_config",
         image_processing_ref="jdelta.data.image_processor",
         chat_ref="jdelta.data.chat",
+        prompt_format_ref="jdelta.data.prompt_format:QwenPromptFormat",
+        special_tokens_ref="jdelta.data.tokenizer:SpecialTokens",
+        describe_ref="jdelta.models.qwen3_vl.info:describe",
+        bundled_prefix="qwen3-vl-",
     ),
     "gemma3": ModelFamily(
         name="gemma3",
@@ -152,6 +188,10 @@ FAMILIES: dict[str, ModelFamily] = {
         bundled_config_ref="jdelta.models.gemma3.info:bundled_config",
         image_processing_ref="jdelta.models.gemma3.image_processing",
         chat_ref="jdelta.models.gemma3.chat",
+        prompt_format_ref="jdelta.models.gemma3.prompt_format:Gemma3PromptFormat",
+        special_tokens_ref="jdelta.models.gemma3.chat:Gemma3SpecialTokens",
+        describe_ref="jdelta.models.gemma3.info:describe",
+        bundled_prefix="gemma3-",
     ),
 }
 
@@ -196,3 +236,93 @@ def family_of_model(model: Any) -> ModelFamily:
 def load_checkpoint(path: str | Path, **kwargs):
     """``(model, config)`` from an HF checkpoint directory of any registered family."""
     return family_of_checkpoint(path).load(path, **kwargs)
+
+
+def resolve_config(model: str) -> tuple[ModelFamily, Path]:
+    """``(family, config.json)`` for a bundled config name (``gemma3-4b``, ``qwen3-vl-8b``; a bare
+    size such as ``8b`` means Qwen3-VL, as before Gemma 3 existed), a ``config.json`` file or a
+    checkpoint directory."""
+    name = model.lower()
+    for family in FAMILIES.values():
+        size = name[len(family.bundled_prefix):] if name.startswith(family.bundled_prefix) else None
+        if size:
+            try:
+                return family, family.bundled_config(size)
+            except (FileNotFoundError, ValueError):
+                pass
+    qwen = FAMILIES["qwen3_vl"]
+    path = Path(model)
+    if not path.exists() and "/" not in model:
+        try:
+            return qwen, qwen.bundled_config(name)
+        except FileNotFoundError:
+            pass
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        from jdelta.models.gemma3.info import SIZES as GEMMA3_SIZES
+        from jdelta.models.qwen3_vl.info import SIZES as QWEN3_VL_SIZES
+
+        names = [*QWEN3_VL_SIZES, *(f"gemma3-{size}" for size in GEMMA3_SIZES)]
+        raise FileNotFoundError(f"model {model!r}: not one of {', '.join(names)} and no config.json at {file}")
+    return family_of_checkpoint(file), file
+
+
+def family_of_config(config: Any) -> ModelFamily:
+    """The family of a model config object (by its class)."""
+    for family in FAMILIES.values():
+        if isinstance(config, family.config_class):
+            return family
+    raise ValueError(f"{type(config).__name__} is not the config of a registered family")
+
+
+def family_of_tokenizer(tokenizer: Any) -> ModelFamily:
+    """The family whose chat format ``tokenizer`` carries (the first whose special tokens it holds)."""
+    problems = []
+    for family in FAMILIES.values():
+        try:
+            family.special_tokens.from_tokenizer(tokenizer)
+            return family
+        except ValueError as e:
+            problems.append(f"{family.name}: {e}")
+    raise ValueError("the tokenizer carries no registered family's special tokens (" + "; ".join(problems) + ")")
+
+
+def prompt_special_tokens(tokenizer: Any):
+    """The special tokens of ``tokenizer``'s family: ``.pad``, ``.stop_ids``, ``.image`` (the image
+    placeholder id), ``.sink`` (the token that opens a turn) and the family's own names."""
+    return family_of_tokenizer(tokenizer).special_tokens.from_tokenizer(tokenizer)
+
+
+# ----------------------------------------------------------------------------- shared model helpers
+
+
+def logit_softcap(model_or_config: Any) -> float | None:
+    """The config's ``final_logit_softcapping`` (``cap * tanh(logits / cap)``), or None."""
+    cfg = getattr(model_or_config, "config", model_or_config)
+    for c in (getattr(cfg, "text", None), cfg):
+        cap = getattr(c, "final_logit_softcapping", None)
+        if cap is not None:
+            return float(cap)
+    return None
+
+
+def softcap(logits: jax.Array, cap: float | None) -> jax.Array:
+    """``cap * tanh(logits / cap)`` (identity for None)."""
+    return logits if cap is None else cap * jnp.tanh(logits / cap)
+
+
+def logits_from_hidden(model: Any, hidden: jax.Array, dtype: Any = None) -> jax.Array:
+    """``hidden [..., H]`` -> logits ``[..., V]`` as the model's own forward forms them (LM head,
+    then the soft-cap where configured); computed in ``dtype`` (default: ``hidden``'s)."""
+    dtype = dtype or hidden.dtype
+    logits = jnp.dot(hidden.astype(dtype), model.lm_head_weight().astype(dtype))
+    return softcap(logits, logit_softcap(model))
+
+
+VISION_ID_NAMES = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
+                   "boi_token_id", "eoi_token_id")
+
+
+def vision_special_ids(config: Any) -> tuple[int, ...]:
+    """Ids that mark images in a prompt (placeholders, begin/end of image) for any family's config."""
+    return tuple(int(getattr(config, n)) for n in VISION_ID_NAMES if getattr(config, n, None) is not None)

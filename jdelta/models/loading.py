@@ -1,14 +1,16 @@
 """Loading models from local checkpoints, their identities, and the checks a teacher/student pair must pass.
 
 * :func:`model_identity` fingerprints a checkpoint (config hash + weights hash) for run manifests;
-* :func:`load_model` reads an HF Qwen3-VL directory (sharded when given a mesh), no caching;
+* :func:`load_model` reads an HF checkpoint directory of any registered family (its
+  ``config.json``'s ``model_type``; :mod:`jdelta.models.family`), sharded when given a mesh, no caching;
 * :class:`ModelSession` holds the models one piece of work loads and the samplers compiled for
   them: ``score``, ``eval``, the demo and the synthesis scorer pass one around so a teacher used
   twice is loaded (and its sampler compiled) once, and dropping the session frees them;
 * :func:`tokenizer_fingerprint` / :func:`check_same_tokenizer` compare tokenizers by content
-  (vocabulary and special tokens), :func:`check_pair` the prompt layout of two model configs;
+  (vocabulary and special tokens), :func:`check_pair` the prompt layout of two model configs,
+  :func:`check_cross_family` the one-line refusal of per-token distillation across vocabularies;
 * :func:`image_config_for` / :func:`pipeline_config_for`: the prompt pipeline's settings matched to
-  a model's vision patch layout (one ``min_pixels`` rule for every stage).
+  a model's family and vision layout (one ``min_pixels`` rule for every Qwen3-VL stage).
 """
 
 from __future__ import annotations
@@ -77,7 +79,8 @@ def check_checkpoint_dir(path: str | os.PathLike, role: str = "model") -> Path:
         raise ModelLoadError(f"{role}: no checkpoint directory given ({role}.path)")
     p = Path(path)
     if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"{role} {p}: no config.json (expected a Hugging Face Qwen3-VL checkpoint directory)")
+        raise FileNotFoundError(f"{role} {p}: no config.json (expected a Hugging Face checkpoint directory of "
+                                "Qwen3-VL or Gemma 3)")
     return p
 
 
@@ -86,18 +89,19 @@ def _spec(spec: ModelSpec | str | os.PathLike) -> ModelSpec:
 
 
 def load_model(spec: ModelSpec | str | os.PathLike, mesh=None, *, role: str = "model"):
-    """``(model, config)`` from an HF Qwen3-VL directory (``spec``: a :class:`ModelSpec` or a path).
+    """``(model, config)`` from an HF checkpoint directory of any registered family, chosen by its
+    ``config.json``'s ``model_type`` (``spec``: a :class:`ModelSpec` or a path).
 
     A checkpoint that cannot be read (truncated safetensors, shapes that do not match its
-    ``config.json``) raises :class:`ModelLoadError` naming the directory.
+    ``config.json``, an unsupported ``model_type``) raises :class:`ModelLoadError` naming the directory.
     """
-    from jdelta.models.qwen3_vl.weights import load_hf_checkpoint
+    from jdelta.models.family import family_of_checkpoint
 
     spec = _spec(spec)
     p = check_checkpoint_dir(spec.path, role)
     overrides = {k: getattr(spec, k) for k in ("remat_policy", "attention_impl") if getattr(spec, k) is not None}
     try:
-        return load_hf_checkpoint(p, mesh=mesh, dtype=spec.dtype, **overrides)
+        return family_of_checkpoint(p).load(p, mesh=mesh, dtype=spec.dtype, **overrides)
     except UserError:
         raise
     except (OSError, ValueError, KeyError) as e:
@@ -202,7 +206,7 @@ def check_same_tokenizer(a, b, names: tuple[str, str] = ("teacher", "student")) 
 
 
 def image_config_for(model_config, max_pixels: int | None = None, min_pixels: int | None = None):
-    """The pipeline's image settings matching a model's vision patch layout.
+    """The pipeline's Qwen3-VL image settings matching a Qwen3-VL model's vision patch layout.
 
     ``max_pixels`` below the default floor lowers the floor with it (so a small pixel budget is
     honoured); an explicit ``min_pixels`` wins.
@@ -223,21 +227,53 @@ def image_config_for(model_config, max_pixels: int | None = None, min_pixels: in
 
 
 def pipeline_config_for(model_config, prompt: PromptConfig, *, batch_size: int, **pipeline: Any) -> PipelineConfig:
-    """The prompt pipeline's settings for sampling ``model_config`` with ``prompt`` (records that
-    fail are skipped and counted); ``pipeline``: other :class:`~jdelta.data.pipeline.PipelineConfig` fields."""
+    """The prompt pipeline's settings for sampling ``model_config`` (any family) with ``prompt``
+    (records that fail are skipped and counted); ``pipeline``: other
+    :class:`~jdelta.data.pipeline.PipelineConfig` fields."""
     from jdelta.data.pipeline import PipelineConfig
 
-    return PipelineConfig(
-        batch_size=int(batch_size),
-        image=image_config_for(model_config, prompt.max_pixels, prompt.min_pixels),
-        system=prompt.system,
-        enable_thinking=prompt.enable_thinking,
-        **{"on_error": "skip", **pipeline},
-    )
+    cfg = PipelineConfig(batch_size=int(batch_size), system=prompt.system, enable_thinking=prompt.enable_thinking,
+                         **{"on_error": "skip", **pipeline})
+    return with_model_images(cfg, model_config, prompt)
+
+
+def with_model_images(cfg: PipelineConfig, model_config, prompt: PromptConfig | None = None) -> PipelineConfig:
+    """``cfg`` with ``family`` and the family's image settings taken from ``model_config``
+    (Qwen3-VL: patch layout and ``prompt``'s pixel budget; Gemma 3: image size, soft tokens per image)."""
+    import dataclasses
+
+    from jdelta.models.family import family_of_config
+
+    family = family_of_config(model_config)
+    if family.name == "gemma3":
+        g = cfg.gemma3
+        image = dataclasses.replace(g.image, size=int(model_config.vision.image_size))
+        return dataclasses.replace(cfg, family="gemma3", gemma3=dataclasses.replace(
+            g, image=image, mm_tokens_per_image=int(model_config.mm_tokens_per_image)))
+    image = image_config_for(model_config, None if prompt is None else prompt.max_pixels,
+                             None if prompt is None else prompt.min_pixels)
+    return dataclasses.replace(cfg, family=family.name, image=image)
 
 
 def check_pair(teacher_config, student_config) -> None:
-    """The two models must read the same prompt tokens and image patches."""
+    """The two models must read the same prompt tokens and image pixels (same family, same
+    vision placeholder ids and image layout)."""
+    from jdelta.models.family import family_of_config
+
+    ft, fs = family_of_config(teacher_config).name, family_of_config(student_config).name
+    if ft != fs:
+        raise UserError(f"teacher and student are of different model families (teacher {ft}, student {fs}); "
+                        "both must read the same prompts")
+    if ft == "gemma3":
+        problems = [f"{n}: teacher {getattr(teacher_config, n)} vs student {getattr(student_config, n)}"
+                    for n in ("image_token_id", "boi_token_id", "eoi_token_id", "mm_tokens_per_image")
+                    if getattr(teacher_config, n) != getattr(student_config, n)]
+        if teacher_config.vision.image_size != student_config.vision.image_size:
+            problems.append(f"vision.image_size: teacher {teacher_config.vision.image_size} vs student "
+                            f"{student_config.vision.image_size}")
+        if problems:
+            raise UserError("teacher and student disagree on the prompt layout: " + "; ".join(problems))
+        return
     problems = []
     for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
         a, b = getattr(teacher_config, name), getattr(student_config, name)
@@ -249,3 +285,26 @@ def check_pair(teacher_config, student_config) -> None:
             problems.append(f"vision.{name}: teacher {a} vs student {b}")
     if problems:
         raise UserError("teacher and student disagree on the prompt layout: " + "; ".join(problems))
+
+
+def vocabulary_line(role: str, vocab_size: int, tokenizer=None) -> str:
+    """``"teacher: 151,936 ids, tokenizer sha256 1a2b3c4d5e6f"`` (fingerprint: :func:`tokenizer_fingerprint`)."""
+    fp = "no tokenizer" if tokenizer is None else f"tokenizer {len(tokenizer):,} tokens sha256 " \
+        f"{tokenizer_fingerprint(tokenizer)[:12]}"
+    return f"{role} vocabulary {vocab_size:,} ids ({fp})"
+
+
+def check_cross_family(teacher_config, student_config, teacher_tokenizer=None, student_tokenizer=None) -> None:
+    """Refuse per-token (on-policy) distillation between models of different families or
+    vocabulary sizes: one line naming both vocabularies (sizes, tokenizer sizes and fingerprints). No cross-tokenizer method is
+    implemented; off-policy SFT on the teacher's text is the way across families."""
+    from jdelta.models.family import family_of_config
+
+    ft, fs = family_of_config(teacher_config).name, family_of_config(student_config).name
+    vt, vs = int(teacher_config.text.vocab_size), int(student_config.text.vocab_size)
+    if ft == fs and vt == vs:  # same-sized vocabularies of one family: check_same_tokenizer compares them
+        return
+    raise UserError(
+        f"on-policy distillation needs one vocabulary, but the {vocabulary_line(f'teacher ({ft})', vt, teacher_tokenizer)}"
+        f" differs from the {vocabulary_line(f'student ({fs})', vs, student_tokenizer)}; no cross-tokenizer method "
+        "is implemented: use method=sft on the teacher's sampled text (data.source=sample_output, data.response=text)")

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 # verb -> (module, one-line help). Modules are imported only when their verb runs.
 STAGES: dict[str, tuple[str, str]] = {
-    "model-info": ("jdelta.stages.model_info", "parameter counts and shapes of a Qwen3-VL config"),
+    "model-info": ("jdelta.stages.model_info", "parameter counts and shapes of a model config (Qwen3-VL, Gemma 3)"),
     "make-seeds": ("jdelta.stages.make_seeds", "generate chart/table/receipt questions with exact answers"),
-    "sample": ("jdelta.stages.sample", "n answers per prompt from a Qwen3-VL checkpoint (KV-cache sampler), a run directory"),
+    "sample": ("jdelta.stages.sample", "n answers per prompt from a checkpoint of any family (KV-cache sampler), a run directory"),
     "score": ("jdelta.stages.score", "sample n answers from teacher and student per prompt; answer divergence Δ and report"),
     "write-hints": ("jdelta.stages.write_hints", "ViCuR teacher hints: a model describes the visual evidence; hints stating the answer are rejected"),
     "eval": ("jdelta.stages.evaluate", "greedy / majority-vote answers of one model on benchmark sets, each with its own metric"),
@@ -20,4 +20,5 @@ STAGES: dict[str, tuple[str, str]] = {
     "pipeline": ("jdelta.stages.pipeline", "DeltaPrompts pipeline: seeds -> score -> failure modes -> synthesis -> screen, rounds, resumable"),
     "toy-models": ("jdelta.stages.toy_models", "train the toy teacher and student from scratch on the chart world (CPU, minutes)"),
     "demo": ("jdelta.stages.demo", "end-to-end CPU demo on the shipped trained toy pair: accuracies, Δ by family, distillation on Δ > 0 vs random prompts"),
+    "plan": ("jdelta.stages.plan", "per-device memory (params, optimizer, grads, KV cache, activations) of a run on a mesh; fits a device? which mesh"),
 }

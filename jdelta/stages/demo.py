@@ -132,10 +132,10 @@ def _write_records(path: Path, records) -> None:
 
 def heldout_accuracy(model_dir: Path, heldout, world) -> dict[str, dict]:
     """Greedy held-out accuracy per family (and ``all``) of the model in ``model_dir``."""
-    from jdelta.models.qwen3_vl.weights import load_hf_checkpoint
+    from jdelta.models.family import load_checkpoint
     from jdelta.toy.evaluate import by_family, greedy_correct
 
-    model, _ = load_hf_checkpoint(model_dir)
+    model, _ = load_checkpoint(model_dir)
     return by_family(greedy_correct(model, heldout), heldout.families, world.names)
 
 

@@ -166,6 +166,8 @@ def tokenizer_fingerprint(path: str) -> dict[str, Any]:
 
 def train(cfg: Config) -> Trained:
     """Run (or resume) the job of ``cfg`` in its run directory."""
+    import contextlib
+
     import jax.numpy as jnp
 
     from jdelta.checkpoint import Checkpointer
@@ -175,15 +177,17 @@ def train(cfg: Config) -> Trained:
     from jdelta.distill.step import jit_train_step, make_train_step, shard_state
     from jdelta.distill.train_state import TrainState, make_optimizer, make_schedule
     from jdelta.models.loading import check_pair
-    from jdelta.runs import RunDir
+    from jdelta.distributed import check_batch, run_dir
 
     on_policy = cfg.method == "on_policy"
     teacher_spec = cfg.teacher if on_policy else None
     check_tokenizers(cfg.student, teacher_spec, cfg.data.tokenizer)
     inputs = input_fingerprints(cfg)
-    with RunDir(cfg.run_dir, "distill", config=to_dict(cfg), inputs=inputs, overwrite=cfg.overwrite,
-                ignore=RESUMABLE_CHANGES) as run:
+    # multi-host: process 0 holds the run directory; every process writes its part of the checkpoints
+    with run_dir(cfg.run_dir, "distill", config=to_dict(cfg), inputs=inputs, overwrite=cfg.overwrite,
+                 ignore=RESUMABLE_CHANGES) as run:
         mesh = cfg.mesh.make()
+        check_batch(cfg.data.batch_size, key="data.batch_size")
         student, student_cfg = build_model(cfg.student, role="student", mesh=mesh, dtype=cfg.dtype)
         vicur = on_policy and cfg.distill.mode == "vicur"
         source = prompt_source(cfg.data, student_cfg, mode=cfg.distill.mode,
@@ -226,7 +230,7 @@ def train(cfg: Config) -> Trained:
         ckpt = Checkpointer(run.path / "checkpoints", save_every=ck.save_every, keep=ck.keep,
                             async_save=ck.async_save)
         try:
-            with MetricsLogger(run.path) as logger:
+            with MetricsLogger(run.path) if run.writes else contextlib.nullcontext() as logger:
                 result = run_loop(state, step, producer.produce, num_steps=cfg.train.steps, checkpointer=ckpt,
                                   data_iter=source.checkpointable, logger=logger,
                                   max_nan_steps=cfg.train.max_nan_steps, meta={"config": to_dict(cfg)},
@@ -241,10 +245,10 @@ def train(cfg: Config) -> Trained:
         skip_report = getattr(source.checkpointable, "skip_report", None)
         if skip_report is not None:  # records the data source left out, by reason
             summary["data_skipped"] = skip_report.as_dict()
-        if cfg.export.path and not result.preempted:
-            from jdelta.models.qwen3_vl.weights import save_hf_checkpoint
+        if cfg.export.path and not result.preempted and run.writes:  # multi-host: gathered by process 0 only
+            from jdelta.models.family import family_of_config
 
-            save_hf_checkpoint(result.state.model(), student_cfg, cfg.export.path)
+            family_of_config(student_cfg).export(result.state.model(), student_cfg, cfg.export.path)
             summary["export"] = str(cfg.export.path)
         run.update(counts={"steps": summary["steps"], "nan_steps": summary["nan_steps"],
                            **({"data_skipped": summary["data_skipped"]["counts"]} if "data_skipped" in summary
@@ -254,12 +258,13 @@ def train(cfg: Config) -> Trained:
 
 
 def sink_token_of(tokenizer) -> int | None:
-    """The tokenizer's ``<|im_start|>`` id (the cue-recovery module's sink), or None without a tokenizer."""
+    """The tokenizer's turn-opening id (``<|im_start|>``, ``<start_of_turn>``: the cue-recovery module's
+    sink), or None without a tokenizer."""
     if tokenizer is None:
         return None
-    from jdelta.data.tokenizer import SpecialTokens
+    from jdelta.models.family import prompt_special_tokens
 
-    return SpecialTokens.from_tokenizer(tokenizer).im_start
+    return prompt_special_tokens(tokenizer).sink
 
 
 def run(cfg: Config) -> int:

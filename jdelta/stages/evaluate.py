@@ -69,8 +69,9 @@ def run_eval(cfg: Config, *, session=None, notes=()) -> dict:
     import jax
 
     from jdelta.completions import progress_bar, sampling_params
-    from jdelta.data.tokenizer import SpecialTokens, load_tokenizer
+    from jdelta.data.tokenizer import load_tokenizer
     from jdelta.evaluation import evaluate_source, parse_data_spec, results_markdown, summarize_benchmark
+    from jdelta.models.family import prompt_special_tokens
     from jdelta.models.loading import (
         ModelSession,
         check_checkpoint_dir,
@@ -85,7 +86,7 @@ def run_eval(cfg: Config, *, session=None, notes=()) -> dict:
     model_dir = check_checkpoint_dir(cfg.model.path, "model")
     tok_dir = Path(cfg.tokenizer) if cfg.tokenizer is not None else model_dir
     tok = load_tokenizer(tok_dir)
-    special = SpecialTokens.from_tokenizer(tok)
+    special = prompt_special_tokens(tok)
     greedy = cfg.sampling.n == 1
     params = sampling_params(cfg.sampling, special.stop_ids, greedy=greedy)
     identity = model_identity(model_dir)

@@ -1,8 +1,9 @@
-"""Parameter counts and shapes of a Qwen3-VL config (jax.eval_shape: no weights are read).
+"""Parameter counts and shapes of a model config of any family (jax.eval_shape: no weights are read).
 
-``model`` takes a size name (2b, 4b, 8b, 32b: the bundled ``configs/models/qwen3-vl-<size>.json``),
-a ``config.json`` file, or a checkpoint directory holding one; ``json`` prints the counts as JSON;
-``cue_recovery`` adds ViCuR's cue-recovery module (default settings: after layers 0, 5, 10, ...).
+``model`` takes a bundled config name (``qwen3-vl-<size>``: 2b, 4b, 8b, 32b; a bare size means
+Qwen3-VL; ``gemma3-<size>``: 4b, 12b, 27b; files in ``configs/models/``), a ``config.json`` file, or a
+checkpoint directory holding one (its family from ``model_type``); ``json`` prints the counts as JSON;
+``cue_recovery`` adds ViCuR's cue-recovery module (Qwen3-VL; default settings: after layers 0, 5, 10, ...).
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ from __future__ import annotations
 import dataclasses
 import json
 
+from jdelta.errors import UserError
 from jdelta.models.cue_recovery import CueRecoveryConfig
-from jdelta.models.qwen3_vl.config import Qwen3VLConfig
-from jdelta.models.qwen3_vl.info import describe, parameter_counts, resolve_config
+from jdelta.models.family import resolve_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,16 +27,24 @@ class Config:
 
 
 def run(cfg: Config) -> int:
-    path = resolve_config(cfg.model)
-    config = Qwen3VLConfig.from_pretrained(path)
-    counts = parameter_counts(config, CueRecoveryConfig() if cfg.cue_recovery else None)
+    try:
+        family, path = resolve_config(cfg.model)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(str(e)) from e
+    config = family.config_class.from_pretrained(path)
+    if cfg.cue_recovery:
+        if family.name != "qwen3_vl":
+            raise UserError(f"cue_recovery: the cue-recovery module is counted for Qwen3-VL only, not {family.name}")
+        counts = family.parameter_counts(config, CueRecoveryConfig())
+    else:
+        counts = family.parameter_counts(config)
     if cfg.json:
-        print(json.dumps({"config": str(path), **counts}))
+        print(json.dumps({"config": str(path), "family": family.name, **counts}))
         return 0
-    print(f"config: {path}")
-    for line in describe(config):
+    print(f"config: {path} (family {family.name})")
+    for line in family.describe(config):
         print(line)
-    for name in ("vision", "text", "embeddings", "cue_recovery", "total"):
+    for name in ("vision", "projector", "text", "embeddings", "cue_recovery", "total"):
         if name not in counts:
             continue
         n = counts[name]

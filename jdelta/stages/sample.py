@@ -1,4 +1,4 @@
-"""n answers per prompt from a Qwen3-VL checkpoint (KV-cache sampler), written to a run directory.
+"""n answers per prompt from a checkpoint of any family (KV-cache sampler), written to a run directory.
 
 ``jdelta sample --model DIR --prompts P --out D [--n 8] [--temperature 1.0] [--max-new-tokens 64]``
 
@@ -81,7 +81,8 @@ def run(cfg: Config) -> int:
 
     from jdelta.completions import progress_bar, prompt_batches, sampling_params
     from jdelta.data.records import open_records
-    from jdelta.data.tokenizer import SpecialTokens, load_tokenizer
+    from jdelta.data.tokenizer import load_tokenizer
+    from jdelta.models.family import prompt_special_tokens
     from jdelta.models.loading import (
         ModelSession,
         check_checkpoint_dir,
@@ -89,7 +90,8 @@ def run(cfg: Config) -> int:
         pipeline_config_for,
         tokenizer_fingerprint,
     )
-    from jdelta.runs import RunDir, input_fingerprint
+    from jdelta.distributed import run_dir
+    from jdelta.runs import input_fingerprint
 
     source = open_records(cfg.prompts)
     if len(source) == 0:
@@ -98,16 +100,17 @@ def run(cfg: Config) -> int:
     model_dir = check_checkpoint_dir(cfg.model.path, "model")
     tok_dir = Path(cfg.tokenizer) if cfg.tokenizer is not None else model_dir
     tok = load_tokenizer(tok_dir)
-    special = SpecialTokens.from_tokenizer(tok)
+    special = prompt_special_tokens(tok)
     params = sampling_params(cfg.sampling, special.stop_ids)
     inputs = {
         "prompts": {**input_fingerprint(cfg.prompts), "records": len(source)},
         "model": model_identity(model_dir),
         "tokenizer": {"path": str(tok_dir.resolve()), "fingerprint": tokenizer_fingerprint(tok)},
     }
-    with RunDir(cfg.out, "sample", config=to_dict(cfg), inputs=inputs, overwrite=cfg.overwrite,
-                ignore=IGNORED_KEYS) as run:
-        for stale in run.path.glob(f".{SAMPLES}.*.tmp"):  # left by a killed run (we hold the lock)
+    # multi-host: process 0 writes the run directory, the others see the same results and write nothing
+    with run_dir(cfg.out, "sample", config=to_dict(cfg), inputs=inputs, overwrite=cfg.overwrite,
+                 ignore=IGNORED_KEYS) as run:
+        for stale in run.path.glob(f".{SAMPLES}.*.tmp") if run.writes else ():  # left by a killed run (we hold the lock)
             stale.unlink()
         if run.resumed and run.previous.get("complete") and run.file(SAMPLES).is_file():
             c = run.previous.get("counts", {})

@@ -86,7 +86,8 @@ def run_score(cfg: Config, *, session=None, notes: Sequence[str] = (),
         model_identity,
         tokenizer_fingerprint,
     )
-    from jdelta.runs import RunDir, input_fingerprint, read_jsonl
+    from jdelta.distributed import barrier, run_dir
+    from jdelta.runs import input_fingerprint, read_jsonl
 
     source = open_records(cfg.prompts)
     total = len(source)
@@ -107,8 +108,9 @@ def run_score(cfg: Config, *, session=None, notes: Sequence[str] = (),
     num_shards = -(-total // cfg.shard_size)
     shard_range = [range(k * cfg.shard_size, min(total, (k + 1) * cfg.shard_size)) for k in range(num_shards)]
 
-    with RunDir(cfg.out, "score", config=to_dict(cfg), inputs=inputs, overwrite=cfg.overwrite,
-                ignore=IGNORED_KEYS) as run:
+    # multi-host: process 0 writes the run directory, the others score with it and write nothing
+    with run_dir(cfg.out, "score", config=to_dict(cfg), inputs=inputs, overwrite=cfg.overwrite,
+                 ignore=IGNORED_KEYS) as run:
 
         def shard_done(k: int) -> bool:
             p = run.file(_shard_name(k))
@@ -152,6 +154,7 @@ def run_score(cfg: Config, *, session=None, notes: Sequence[str] = (),
             finally:
                 if bar is not None:
                     bar.close()
+        barrier("score: shards written")  # the other processes read the shards process 0 wrote
         finished = [k for k in range(num_shards) if shard_done(k)]
         entries = [e for k in finished for e in read_jsonl(run.file(_shard_name(k)))]
         counts = Counter(e["status"] for e in entries)
@@ -166,7 +169,7 @@ def run_score(cfg: Config, *, session=None, notes: Sequence[str] = (),
             "skipped_by_reason": dict(sorted(by_reason.items())),
             "remaining": total - len(entries),
         })
-        if not complete:
+        if not complete or not run.writes:
             return run.manifest
         if [e["index"] for e in entries] != list(range(total)):
             raise RuntimeError(f"{run.path}: shard contents do not cover prompts 0..{total - 1} exactly once")
@@ -183,7 +186,11 @@ def run_score(cfg: Config, *, session=None, notes: Sequence[str] = (),
 
 
 def run(cfg: Config) -> int:
+    from jdelta.distributed import is_primary
+
     manifest = run_score(cfg)
+    if not is_primary():  # multi-host: process 0 reports
+        return 0
     c = manifest["counts"]
     print(f"{c['input']} prompts: {c['scored']} scored, {c['skipped']} skipped {c['skipped_by_reason'] or ''}"
           f", {c['remaining']} remaining")

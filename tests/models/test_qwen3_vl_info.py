@@ -34,7 +34,8 @@ def test_cli_prints_counts(capsys, tmp_path):
     assert "total:" in text and "8.767B" in text and "deepstack [8, 16, 24]" in text
     assert main(["model-info", "--model", "7b"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["jdelta model-info: error: model '7b': not one of 2b, 4b, 8b, 32b and no config.json at 7b"]
+    assert err == ["jdelta model-info: error: model '7b': not one of 2b, 4b, 8b, 32b, gemma3-4b, gemma3-12b, gemma3-27b "
+                   "and no config.json at 7b"]
     # a checkpoint directory or a config.json file
     (tmp_path / "config.json").write_text(resolve_config("2b").read_text())
     for model in (tmp_path, tmp_path / "config.json"):

@@ -82,6 +82,16 @@ class Gemma3SpecialTokens:
         """Tokens that end generation (``<end_of_turn>`` and ``<eos>``, the released generation config)."""
         return (self.end_of_turn, self.eos)
 
+    @property
+    def sink(self) -> int:
+        """The token that opens a turn (``<start_of_turn>``; the cue-recovery module's sink)."""
+        return self.start_of_turn
+
+    @property
+    def vision_ids(self) -> tuple[int, ...]:
+        """Ids that mark images in a prompt (never in a text response)."""
+        return (self.image, self.boi, self.eoi)
+
     @classmethod
     def from_tokenizer(cls, tokenizer) -> Gemma3SpecialTokens:
         def tid(token: str) -> int:

@@ -1,0 +1,88 @@
+"""``jdelta distill`` (VA-OPD) as one program over 2 processes x 4 CPU devices: the same losses and
+parameters as the one-process run over 8 devices; a SIGTERM to one process makes both save the
+same step and exit cleanly, and the rerun resumes to the uninterrupted run's parameters."""
+
+import json
+import signal
+import time
+
+import jax
+import numpy as np
+from distill_pair import DEMO_CONFIG
+from multihost_harness import run_ok, start, wait
+
+from jdelta.config import load_mapping, merge
+from jdelta.distill.metrics import read_metrics
+
+MESH = {"fsdp": 4, "tensor": 2}
+
+
+def mapping(run_dir, steps: int, **over) -> dict:
+    return merge(load_mapping(DEMO_CONFIG), merge({
+        "run_dir": str(run_dir), "progress": False, "mesh": MESH, "train": {"steps": steps},
+        "optimizer": {"total_steps": 6}, "checkpoint": {"save_every": 2, "async_save": False}}, over))
+
+
+def one_process(run_dir, steps: int):
+    from jdelta.config import build
+    from jdelta.stages.distill import Config, train
+
+    state = train(build(Config, mapping(run_dir, steps))).state
+    return [np.asarray(x) for x in jax.tree.leaves(state.params)]
+
+
+def params_of(run_dir):
+    with np.load(run_dir / "params.npz") as f:
+        return [f[f"arr_{i}"] for i in range(len(f.files))]
+
+
+def summary_of(finished) -> dict:
+    line = [x for x in finished.stdout.splitlines() if x.startswith("SUMMARY ")][-1]
+    return json.loads(line[len("SUMMARY "):])
+
+
+def assert_params_close(a, b, atol=1e-5):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_allclose(x, y, atol=atol, rtol=0)
+
+
+def test_va_opd_two_processes_equal_one(tmp_path):
+    ref = one_process(tmp_path / "one", 3)
+    done = run_ok(["distill", json.dumps(mapping(tmp_path / "two", 3))])
+    assert [summary_of(f)["steps"] for f in done] == [3, 3]
+    assert_params_close(params_of(tmp_path / "two"), ref)
+    one = read_metrics(tmp_path / "one" / "metrics.jsonl")
+    two = read_metrics(tmp_path / "two" / "metrics.jsonl")
+    assert [r["step"] for r in two] == [1, 2, 3]
+    np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], atol=1e-5)
+    assert [r["rollout/mean_length"] for r in two] == [r["rollout/mean_length"] for r in one]
+    # every process wrote its data-iterator state into the checkpoint; only process 0 the metrics
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints" / "2" / "data").glob("process_*")) == \
+        ["process_0-of-2.json", "process_1-of-2.json"]
+
+
+def test_sigterm_to_one_process_saves_both_at_one_step_and_resumes_exactly(tmp_path):
+    steps = 6
+    run_dir = tmp_path / "run"
+    procs = start(["distill", json.dumps(mapping(run_dir, steps)), "0.5"])
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
+        assert all(p.poll() is None for p in procs), "a process ended before training started"
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)  # only process 1 is told
+    first = wait(procs, 240)
+    assert [f.returncode for f in first] == [0, 0], first[1].stderr[-3000:]
+    saved = [summary_of(f) for f in first]
+    assert saved[0]["preempted"] and saved[1]["preempted"]
+    stop = saved[0]["steps"]
+    assert saved[1]["steps"] == stop and 1 <= stop < steps
+    ckpts = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+    assert ckpts[-1] == stop
+    second = run_ok(["distill", json.dumps(mapping(run_dir, steps))])
+    assert [summary_of(f)["steps_run"] for f in second] == [steps - stop] * 2
+    straight = one_process(tmp_path / "straight", steps)
+    assert_params_close(params_of(run_dir), straight)
+    rows = read_metrics(metrics)
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
