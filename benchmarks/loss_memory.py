@@ -17,6 +17,11 @@ and prints XLA's ``memory_analysis()``: temp bytes (activations and intermediate
 
     python benchmarks/loss_memory.py                       # B=2 T=1024 H=2048 V=151936, CPU
     python benchmarks/loss_memory.py --seq 4096 --chunks 256 512
+    # Gemma 3's vocabulary (LM head 262,208 rows, 262,144 real ids), 4B student / 12B teacher widths:
+    python benchmarks/loss_memory.py --dtype float32 --vocab 262208 --vocab-size 262144 --hidden 2560 --teacher-hidden 3840
+
+The losses form logits as ``hidden @ head`` uncapped: a model with ``final_logit_softcapping``
+set is refused by the distiller (no released Gemma 3 sets it).
 """
 
 from __future__ import annotations

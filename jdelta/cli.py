@@ -205,6 +205,9 @@ def run_stage(name: str, module, args: list[str]) -> int:
     from jdelta.config import load
     from jdelta.errors import UserError
 
+    positional = getattr(module, "POSITIONAL", None)  # e.g. ``jdelta experiment NAME``: NAME is name=NAME
+    if positional and args and not args[0].startswith("-") and "=" not in args[0]:
+        args = [f"{positional}={args[0]}", *args[1:]]
     try:
         config_file, overrides = parse_command_line(module.Config, args)
         cfg = load(module.Config, config_file, overrides)

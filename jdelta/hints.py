@@ -336,16 +336,16 @@ class HintWriter(Protocol):
 
 
 class ModelHintWriter:
-    """A Qwen3-VL checkpoint as hint writer: each instruction becomes the question of a prompt on its
+    """A checkpoint of any model family as hint writer: each instruction becomes the question of a prompt on its
     record's images (chat template, image processing, bucketed batches), ``sampling.n`` samples each."""
 
     def __init__(self, session, spec: ModelSpec, tokenizer, *, prompt: PromptConfig, sampling: SamplingConfig):
         from jdelta.completions import sampling_params
-        from jdelta.data.tokenizer import SpecialTokens
+        from jdelta.models.family import prompt_special_tokens
         from jdelta.models.loading import pipeline_config_for
 
         model, model_config = session.load(spec, role="model")
-        special = SpecialTokens.from_tokenizer(tokenizer)
+        special = prompt_special_tokens(tokenizer)
         self.tokenizer = tokenizer
         self.pipeline = pipeline_config_for(model_config, prompt, batch_size=sampling.batch_size)
         self.params = sampling_params(sampling, special.stop_ids)

@@ -18,10 +18,11 @@
   attention phase (residual + normed input ``2H`` + scores and probabilities ``2 x heads/tp x L`` in
   float32) and the MLP phase (``2H + 2 x intermediate/tp``), and the LM-head phase (hidden states
   + one chunk of float32 logits ``[rows, chunk, V/tp]``, two live);
-* **student training activations** -- per layer kept for the backward pass: without remat every
-  intermediate of the layer (``4H + q + 2kv + 3 x intermediate/tp`` in ``dtype`` and the float32
-  scores/probabilities); with ``remat`` the layer input only, plus one layer recomputed; and the
-  chunked loss (student and teacher logits of one chunk, float32, with their gradient).
+* **student training activations** -- of one micro-batch (``grad_accum``), per layer kept for the
+  backward pass: without remat every intermediate of the layer (``4H + q + 2kv + 3 x intermediate/tp``
+  in ``dtype`` and the float32 scores/probabilities); ``remat=full`` the layer input only, ``dots``
+  also every matmul output, plus one layer recomputed; the teacher's final hidden states the loss
+  reads; and the chunked loss (student and teacher logits of one chunk, float32, with their gradient).
 
 The peak is the resident part (student masters, optimizer state, teacher parameters) plus the
 largest phase: sampling (KV cache + compute copy), teacher scoring, or the train step (gradients,
@@ -29,8 +30,11 @@ update tree, compute copy, activations). Devices' HBM sizes and their sources ar
 
 Validated against XLA's compiled memory analysis on an 8-device CPU mesh (``tests/stages/test_plan.py``):
 parameters + optimizer + gradients of a train step, the sampler's KV cache, and the scoring
-activations. The activation figures are a model of XLA's buffer reuse, not a promise: attention
-implementations that do not materialise scores (cuDNN / splash) need less.
+activations (on meshes with ``fsdp = 1``). The activation figures are a model of XLA's buffer reuse,
+not a promise: attention implementations that do not materialise scores (cuDNN / splash) need less,
+and on meshes with ``fsdp > 1`` XLA's partitioner can lay out a layer's intermediates with the batch
+gathered over ``fsdp`` (measured on CPU at tiny shapes: 2.6-5x the figure here). The training
+activations are not validated against XLA.
 """
 
 from __future__ import annotations
@@ -179,6 +183,7 @@ class PlanInputs:
     dtype: str = "bfloat16"
     remat: str = "full"
     chunk_size: int = 512  # positions per chunk of the LM-head loss / scoring
+    grad_accum: int = 1  # micro-batches per train step (activations are those of one micro-batch)
 
 
 @dataclass(frozen=True)
@@ -202,7 +207,7 @@ def check_inputs(p: PlanInputs) -> None:
         raise PlanError(f"dtype {p.dtype!r}: expected one of {', '.join(DTYPE_BYTES)}")
     if p.remat not in REMAT_CHOICES:
         raise PlanError(f"remat {p.remat!r}: expected one of {', '.join(REMAT_CHOICES)}")
-    for name in ("batch", "prompt_len", "new_tokens", "rollouts", "chunk_size"):
+    for name in ("batch", "prompt_len", "new_tokens", "rollouts", "chunk_size", "grad_accum"):
         if getattr(p, name) < 1:
             raise PlanError(f"{name} must be >= 1, got {getattr(p, name)}")
     shards = p.mesh.get("data", 1) * p.mesh.get("fsdp", 1)
@@ -210,8 +215,9 @@ def check_inputs(p: PlanInputs) -> None:
     if p.batch % shards:
         raise PlanError(f"batch {p.batch} prompts does not divide over data x fsdp = {shards} devices "
                         f"(mesh {mesh_str(p.mesh)}); use a batch that is a multiple of {shards}")
-    if rows % shards:
-        raise PlanError(f"batch x rollouts = {rows} rows do not divide over data x fsdp = {shards}")
+    if rows % (shards * p.grad_accum):
+        raise PlanError(f"batch x rollouts = {rows} rows do not divide into grad_accum = {p.grad_accum} "
+                        f"micro-batches over data x fsdp = {shards} devices")
 
 
 def mesh_str(mesh: Mapping[str, int]) -> str:
@@ -241,11 +247,12 @@ def forward_activation_bytes(model: ModelShape, mesh: Mapping[str, int], rows: i
 
 
 def training_activation_bytes(p: PlanInputs) -> int:
-    """Student activations kept for (and formed in) the backward pass, plus the chunked loss."""
+    """Student activations kept for (and formed in) the backward pass of one micro-batch, the teacher's
+    hidden states the loss reads, and the chunked loss."""
     m, mesh = p.student, p.mesh
     tp = mesh.get("tensor", 1)
     ab = DTYPE_BYTES[p.dtype]
-    rows = p.batch * p.rollouts
+    rows = p.batch * p.rollouts // p.grad_accum
     r = _split(rows, mesh.get("data", 1) * mesh.get("fsdp", 1))
     length = p.prompt_len + p.new_tokens
     tokens = r * length
@@ -255,11 +262,14 @@ def training_activation_bytes(p: PlanInputs) -> int:
     per_layer_all = tokens * ((4 * h + q + 2 * kv + 3 * inter) * ab + scores)
     if p.remat == "none":
         kept = m.layers * per_layer_all
-    else:  # the layer inputs are kept; one layer is recomputed at a time
+    elif p.remat in ("dots", "dots_with_no_batch_dims"):  # layer input + every matmul output kept
+        kept = m.layers * tokens * (2 * h + q + 2 * kv + 2 * inter) * ab + per_layer_all
+    else:  # full / save_nothing: the layer inputs are kept; one layer is recomputed at a time
         kept = m.layers * tokens * h * ab + per_layer_all
     vocab = _split(m.vocab, tp)
     loss = 4 * r * min(p.chunk_size, length) * vocab * 4  # both models' chunk logits + their gradients
-    return kept + loss + tokens * h * 4  # + the float32 hidden-state gradient of the loss
+    teacher_hidden = tokens * p.teacher.hidden * ab
+    return kept + loss + tokens * h * 4 + teacher_hidden  # + the float32 hidden-state gradient of the loss
 
 
 def plan(p: PlanInputs) -> Plan:
@@ -294,10 +304,28 @@ def plan(p: PlanInputs) -> Plan:
 
 
 def device_bytes(device: str) -> tuple[int, str]:
-    key = device.lower()
-    if key not in DEVICES:
-        raise PlanError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)}")
-    return DEVICES[key]
+    """``(HBM bytes per chip, source)`` of a device kind or a TPU slice name (``v5p-64``)."""
+    kind, _ = parse_device(device)
+    return DEVICES[kind]
+
+
+# TPU slice names count TensorCores on v4 / v5p (2 per chip) and chips on v5e / v6e (Cloud TPU docs).
+_CORES_PER_CHIP = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}
+
+
+def parse_device(device: str) -> tuple[str, int | None]:
+    """``"v5p"`` -> ``("v5p", None)``; a slice ``"v5p-64"`` -> ``("v5p", 32)`` (chips); ``v5litepod-16`` = v5e."""
+    key = device.lower().replace("v5litepod", "v5e")
+    kind, _, size = key.partition("-")
+    if kind not in DEVICES or (size and (kind not in _CORES_PER_CHIP or not size.isdigit())):
+        raise PlanError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)} "
+                        "or a TPU slice such as v5p-64, v4-32, v5litepod-16, v6e-16")
+    if not size:
+        return kind, None
+    cores = int(size)
+    if cores < 1 or cores % _CORES_PER_CHIP[kind]:
+        raise PlanError(f"TPU slice {device!r}: {cores} is not a whole number of {kind} chips")
+    return kind, cores // _CORES_PER_CHIP[kind]
 
 
 def meshes(num_devices: int, max_tensor: int = 8) -> Iterator[dict[str, int]]:

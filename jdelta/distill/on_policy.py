@@ -459,7 +459,9 @@ class OnPolicyDistiller:
             "rollout/cut_at_padded_id": float(n_padded),
         }
         if "va" in scores:
-            va = np.asarray(scores["va"])[host["completion_mask"].astype(bool)]
+            from jdelta.distributed import host_array  # a global array spanning processes is gathered
+
+            va = host_array(scores["va"])[host["completion_mask"].astype(bool)]
             stats["va/max"] = float(va.max()) if va.size else 0.0
         tokens = int(host["attention_mask"].sum())
         return StepInput(batch=train, shared=self.teacher_head,

@@ -165,6 +165,12 @@ def prompt_source(data: DataConfig, student_config, *, mode: str = "reverse_kl",
                          f"records carry cues.hint / answer), not data.source={data.source}")
     if data.source == "synthetic":
         from jdelta.distill.synthetic import SyntheticPromptIterator
+        from jdelta.models.family import family_of_config
+
+        if family_of_config(student_config).name != "qwen3_vl":
+            raise ValueError(f"data.source=synthetic makes Qwen3-VL prompts (M-RoPE, patch rows); the student is "
+                             f"{family_of_config(student_config).name}: use data.source=records (prompt records "
+                             "with data.tokenizer)")
 
         it = SyntheticPromptIterator(student_config, batch=data.batch_size, seed=data.seed, with_image=data.with_image)
         return PromptSource(it, it, tuple(data.stop_token_ids), data.pad_id)
@@ -265,4 +271,8 @@ def check_teacher_vocabulary(student: DistillModelSpec, teacher: DistillModelSpe
         ok = spec.path is not None and (Path(spec.path) / "tokenizer.json").is_file()
         return load_tokenizer(spec.path) if ok else None
 
-    check_cross_family(_spec_config(teacher), _spec_config(student), tok(teacher), tok(student))
+    try:
+        configs = _spec_config(teacher), _spec_config(student)
+    except (OSError, ValueError):  # an unreadable checkpoint: loading it reports that, naming it
+        return
+    check_cross_family(*configs, tok(teacher), tok(student))

@@ -263,7 +263,7 @@ def read_sample_output(path: str | Path, prompts, *, drop_truncated: bool = Fals
         if drop_truncated and d["finish_reason"] == "length":
             skips.add("truncated", f"{where}: finish_reason 'length' (data.drop_truncated)")
             continue
-        if vision & set(ids):
+        if retokenize is None and vision & set(ids):  # retokenized: the ids are another tokenizer's
             skips.add("vision_token_in_response", f"{where}: response holds vision placeholder ids "
                                                   f"{sorted(vision & set(ids))}")
             continue

@@ -253,7 +253,8 @@ class DistillSettings:
     """One in-process on-policy distillation: ``steps`` updates of ``batch`` prompts x
     ``rollouts`` student samples; AdamW (``learning_rate``, betas 0.9/0.95, ``weight_decay``,
     cosine with ``warmup_fraction``, clip 1.0: the VA-OPD recipe's optimiser but the learning rate);
-    rollouts at ``temperature`` / ``top_p`` up to ``max_new_tokens``."""
+    rollouts at ``temperature`` / ``top_p`` up to ``max_new_tokens``; ``va_*``: VA-OPD's λ, τ and
+    high-group fraction (``mode="va_opd"``)."""
 
     mode: Literal["reverse_kl", "va_opd"] = "reverse_kl"
     steps: int = 100
@@ -265,6 +266,9 @@ class DistillSettings:
     temperature: float = 0.7
     top_p: float = 0.95
     max_new_tokens: int = 8
+    va_lambda: float = 0.5
+    va_tau: float = 1.0
+    va_high_fraction: float = 0.2
 
 
 @dataclasses.dataclass
@@ -320,7 +324,8 @@ class Distiller:
         self.dcfg = DistillConfig(
             mode=s.mode, rollouts_per_prompt=s.rollouts, temperature=s.temperature, top_p=s.top_p,
             max_new_tokens=s.max_new_tokens, stop_token_ids=pair.stop_ids, pad_id=pair.pad_id, chunk_size=16,
-            completion_bucket=s.max_new_tokens, prompt_bucket=64, vocab_size=len(pair.tokenizer), seed=0)
+            completion_bucket=s.max_new_tokens, prompt_bucket=64, vocab_size=len(pair.tokenizer), seed=0,
+            va_lambda=s.va_lambda, va_tau=s.va_tau, va_high_fraction=s.va_high_fraction)
         self.producer = OnPolicyDistiller(template, pair.teacher, self.dcfg, iter(()))
         step_fn = make_train_step(make_distill_loss(self.dcfg), schedule=make_schedule(ocfg))
         self.train_step = jit_train_step(step_fn, TrainState.create(pair.student, self.tx), donate=False)
@@ -365,10 +370,13 @@ class Distiller:
         return out
 
     def run(self, train_enc, *, seed: int, heldout=None, kl_enc=None, eval_every: int = 0,
+            probes: Mapping[str, Callable[[Any], Mapping[str, float]]] | None = None,
             log: Log | None = None, label: str = "") -> DistillRun:
         """Distil the initial student on the rows of ``train_enc`` (seeded shuffled epochs) for
         ``settings.steps`` steps. Every ``eval_every`` steps (and at 0 and the end): held-out
-        accuracy per family on ``heldout`` and the reverse KL on ``kl_enc``'s prompts."""
+        accuracy per family on ``heldout`` (curves ``accuracy/<family>``, ``accuracy/all``, in [0, 1]),
+        the reverse KL on ``kl_enc``'s prompts (``reverse_kl/<family>``, ``reverse_kl/all``) and each
+        ``probes[name](student model) -> {key: value}`` (curves ``<name>/<key>``)."""
         s, pair = self.settings, self.pair
         t0 = time.perf_counter()
         rows = endless_rows(len(train_enc), s.batch, seed)
@@ -387,6 +395,8 @@ class Distiller:
                 add(step, accuracy(state.model(), heldout, pair.families), "accuracy/")
             if kl_prompts is not None:
                 add(step, self.reverse_kl(state, kl_prompts, kl_enc.families, seed=seed + step), "reverse_kl/")
+            for name, probe in (probes or {}).items():
+                add(step, probe(state.model()), f"{name}/")
 
         if eval_every:
             evaluate(0)

@@ -19,6 +19,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "synthesize": ("jdelta.stages.synthesize", "failure modes + targeted candidates (teacher-as-writer, steered generator) from a score run"),
     "pipeline": ("jdelta.stages.pipeline", "DeltaPrompts pipeline: seeds -> score -> failure modes -> synthesis -> screen, rounds, resumable"),
     "toy-models": ("jdelta.stages.toy_models", "train the toy teacher and student from scratch on the chart world (CPU, minutes)"),
+    "experiment": ("jdelta.stages.experiment", "a paper's claim as a toy-scale experiment over seeds (jdelta experiment NAME --seeds 3 --out DIR): table with 95% intervals, curves"),
     "demo": ("jdelta.stages.demo", "end-to-end CPU demo on the shipped trained toy pair: accuracies, Δ by family, distillation on Δ > 0 vs random prompts"),
     "plan": ("jdelta.stages.plan", "per-device memory (params, optimizer, grads, KV cache, activations) of a run on a mesh; fits a device? which mesh"),
 }

@@ -3,9 +3,11 @@
 ``teacher`` / ``student``: a preset (2b, 4b, 8b, 32b = Qwen3-VL; gemma3-4b, gemma3-12b, gemma3-27b), a
 config.json or a checkpoint directory. ``mesh``: data x fsdp x tensor (``--mesh fsdp=8,tensor=4``).
 ``device`` (v4, v5e, v5p, v6e, h100, h200) says whether the peak fits its HBM (``usable_fraction`` of
-it); with ``devices`` (the chip count of the slice or cluster) it also names the mesh to choose.
+it); with ``devices`` (the chip count of the slice or cluster), or a TPU slice name as the device
+(``v5p-64`` = 32 chips, ``v4-32`` = 16, ``v5litepod-16`` / ``v6e-16`` = 16), it also names the mesh to choose.
 ``batch`` prompts per step, ``prompt_len`` + ``new_tokens`` tokens per row, ``rollouts`` samples per
-prompt. No weights are read and no device is used: see :mod:`jdelta.memory_plan` for the model.
+prompt, ``grad_accum`` micro-batches per train step, ``remat`` (none, full, dots, ...) the student's
+decoder-layer rematerialisation. No weights are read and no device is used: see :mod:`jdelta.memory_plan` for the model.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from jdelta.memory_plan import (
     device_bytes,
     format_bytes,
     mesh_str,
+    parse_device,
     plan,
     resolve_model,
 )
@@ -47,6 +50,7 @@ class Config:
     dtype: str = "bfloat16"
     remat: str = "full"
     chunk_size: int = 512
+    grad_accum: int = 1
     usable_fraction: float = 0.9
     json: bool = False
 
@@ -70,12 +74,19 @@ def resolve_mesh(mesh: MeshConfig, devices: int | None) -> dict[str, int]:
 
 
 def run(cfg: Config) -> int:
-    if cfg.device is not None:
-        capacity, source = device_bytes(cfg.device)  # unknown device: PlanError before any model work
+    devices = cfg.devices
+    if cfg.device is not None:  # an unknown device is refused before any model work
+        kind, chips = parse_device(cfg.device)
+        capacity, source = device_bytes(kind)
+        if chips is not None and devices is not None and chips != devices:
+            raise PlanError(f"device {cfg.device} has {chips} chips, not devices={devices}")
+        devices = chips if chips is not None else devices
+        cfg = dataclasses.replace(cfg, devices=devices)
     mesh = resolve_mesh(cfg.mesh, cfg.devices)
     inputs = PlanInputs(teacher=resolve_model(cfg.teacher), student=resolve_model(cfg.student), mesh=mesh,
                         batch=cfg.batch, prompt_len=cfg.prompt_len, new_tokens=cfg.new_tokens, rollouts=cfg.rollouts,
-                        dtype=cfg.dtype, remat=cfg.remat, chunk_size=cfg.chunk_size)
+                        dtype=cfg.dtype, remat=cfg.remat, chunk_size=cfg.chunk_size,
+                        grad_accum=cfg.grad_accum)
     explicit_mesh = cfg.devices is None or not cfg.mesh.is_single_device
     result = plan(inputs) if explicit_mesh else None
     out: dict = {"teacher": cfg.teacher, "student": cfg.student,
@@ -88,8 +99,8 @@ def run(cfg: Config) -> int:
         out.update(mesh=mesh, components=result.components, peak=result.peak, phase=result.phase)
     if cfg.device is not None:
         usable = int(capacity * cfg.usable_fraction)
-        out.update(device=cfg.device.lower(), device_bytes=capacity, device_source=source, usable_bytes=usable)
-        lines.append(f"device {cfg.device.lower()}: {format_bytes(capacity).strip()} per chip ({source}); "
+        out.update(device=kind, device_bytes=capacity, device_source=source, usable_bytes=usable)
+        lines.append(f"device {kind}: {format_bytes(capacity).strip()} per chip ({source}); "
                      f"usable {cfg.usable_fraction:.0%} = {format_bytes(usable).strip()}")
         if result is not None:
             fits = result.peak <= usable
@@ -99,7 +110,7 @@ def run(cfg: Config) -> int:
             best = choose_mesh(inputs, cfg.devices, usable)
             if best is None:
                 out["recommended_mesh"] = None
-                lines.append(f"no data x fsdp x tensor mesh of {cfg.devices} {cfg.device.lower()} chips fits "
+                lines.append(f"no data x fsdp x tensor mesh of {cfg.devices} {kind} chips fits "
                              "(tensor <= 8): use more chips, a smaller batch or rollouts, or remat")
             else:
                 bmesh, bplan = best

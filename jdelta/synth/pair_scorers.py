@@ -107,7 +107,8 @@ class ModelPairScorer:
     """
 
     def __init__(self, cfg: ScorerConfig):
-        from jdelta.data.tokenizer import SpecialTokens, load_tokenizer
+        from jdelta.data.tokenizer import load_tokenizer
+        from jdelta.models.family import prompt_special_tokens
         from jdelta.models.loading import (
             ModelSession,
             check_checkpoint_dir,
@@ -124,7 +125,7 @@ class ModelPairScorer:
         self.tokenizer = load_tokenizer(tok_dir)
         if cfg.tokenizer is None and (student_dir / "tokenizer.json").is_file():
             check_same_tokenizer(self.tokenizer, load_tokenizer(student_dir), ("teacher", "student"))
-        self.special = SpecialTokens.from_tokenizer(self.tokenizer)
+        self.special = prompt_special_tokens(self.tokenizer)
         self.session = ModelSession(cfg.mesh.make())
         self.teacher = self.session.model(cfg.teacher, role="scorer.teacher")
         self.student = self.session.model(cfg.student, role="scorer.student")

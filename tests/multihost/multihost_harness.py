@@ -81,7 +81,7 @@ def wait(procs: list[subprocess.Popen], timeout: float = 300) -> list[Finished]:
                 if q.poll() is None:
                     q.send_signal(signal.SIGKILL)
             so, se = p.communicate()
-            raise AssertionError(f"multi-process run timed out after {timeout} s; stderr of one:\n{se[-3000:]}")
+            raise AssertionError(f"multi-process run timed out after {timeout} s; stderr of one:\n{se[-3000:]}") from None
         out.append(Finished(p.returncode, so, se))
     return out
 

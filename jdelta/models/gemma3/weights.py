@@ -2,8 +2,8 @@
 
 Loading builds the abstract model (``nnx.eval_shape``), checks every checkpoint key and shape,
 then materialises each parameter on its ``NamedSharding`` from the memory-mapped tensor (each
-device reads only its slice), as :mod:`jdelta.models.qwen3_vl.weights` does; the safetensors
-reader/writer are shared with it.
+device reads only its slice), as :mod:`jdelta.models.qwen3_vl.weights` does; reading, checking,
+materialising and writing are :mod:`jdelta.models.safetensors_io`'s, shared with it.
 
 Key layouts. Checkpoints name tensors in one of three ways, all read:
 ``language_model.model.* / vision_tower.vision_model.* / multi_modal_projector.* /
@@ -20,22 +20,22 @@ weight ``[E, C, ps, ps]`` flattened; ``mm_input_projection_weight [D_v, H]`` is 
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 
-import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
 from jdelta.models.gemma3.config import Gemma3Config
 from jdelta.models.gemma3.model import Gemma3ForConditionalGeneration
-from jdelta.models.qwen3_vl.weights import (
+from jdelta.models.safetensors_io import (
     CheckpointFileError,
     CheckpointMismatchError,
+    check_checkpoint,
     checkpoint_tensors,
-    write_safetensors,
+    host_array,
+    materialise,
+    write_checkpoint,
 )
 from jdelta.sharding import Rules, state_shardings
 
@@ -128,24 +128,9 @@ def _flat(state: nnx.State) -> list[tuple[tuple, nnx.Variable]]:
     return [(tuple(p), v) for p, v in nnx.to_flat_state(state)]
 
 
-def _summarise(title: str, items: list[str], limit: int = 25) -> str:
-    shown = items[:limit] + ([f"... and {len(items) - limit} more"] if len(items) > limit else [])
-    return f"  {title} ({len(items)}):\n" + "\n".join(f"    {s}" for s in shown)
-
-
 def abstract_model(config: Gemma3Config) -> Gemma3ForConditionalGeneration:
     """The model with ``ShapeDtypeStruct`` parameters (no memory)."""
     return nnx.eval_shape(lambda: Gemma3ForConditionalGeneration(config, rngs=nnx.Rngs(0)))
-
-
-def _canonical_tensors(path: Path) -> dict:
-    out = {}
-    for key, source in checkpoint_tensors(path).items():
-        name = canonical_key(key)
-        if name in out:
-            raise CheckpointFileError(f"{path}: tensor {key!r} and another one both map to {name!r}")
-        out[name] = source
-    return out
 
 
 def load_hf_checkpoint(path: str | Path, *, mesh: Mesh | None = None, rules: Rules | None = None, dtype=None,
@@ -169,35 +154,12 @@ def load_hf_checkpoint(path: str | Path, *, mesh: Mesh | None = None, rules: Rul
     config = Gemma3Config.from_pretrained(path, **config_overrides)
     graphdef, state = nnx.split(abstract_model(config))
     shardings = dict(_flat(state_shardings(state, mesh, rules))) if mesh is not None else {}
-    tensors = _canonical_tensors(path)
+    tensors = checkpoint_tensors(path, canonical_key)
     expected = {hf_key(p): (p, v) for p, v in _flat(state)}
-    ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    missing = sorted(k for k in expected if k not in tensors)
-    unexpected = sorted(release_key(k) for k in tensors if k not in expected and k not in ignorable)
-    mismatched = []
-    for key, (p, v) in expected.items():
-        if key in tensors:
-            want = hf_shape(p, v.get_value().shape, config)
-            if tensors[key].shape != want:
-                mismatched.append(f"{release_key(key)}: checkpoint {tensors[key].shape} vs expected {want}")
-    if missing or unexpected or mismatched:
-        parts = [f"{path}: checkpoint does not match its config.json (Gemma 3)"]
-        for title, items in (("missing keys", [release_key(k) for k in missing]), ("unexpected keys", unexpected),
-                             ("shape mismatches", mismatched)):
-            if items:
-                parts.append(_summarise(title, items))
-        raise CheckpointMismatchError("\n".join(parts))
-
+    check_checkpoint(path, "Gemma 3", {k: hf_shape(p, v.get_value().shape, config) for k, (p, v) in expected.items()},
+                     tensors, ignorable={"lm_head.weight"} if config.tie_word_embeddings else (), show=release_key)
     for key, (p, var) in expected.items():
-        abstract = var.get_value()
-        source = to_jdelta_layout(p, tensors[key].array())
-        target = np.dtype(abstract.dtype)
-        if p in shardings:
-            value = jax.make_array_from_callback(
-                abstract.shape, shardings[p], lambda idx, s=source, t=target: np.asarray(s[idx], dtype=t))
-        else:
-            value = jax.device_put(np.asarray(source, dtype=target))
-        var.set_value(value)
+        var.set_value(materialise(var.get_value(), to_jdelta_layout(p, tensors[key].array()), shardings.get(p)))
     return nnx.merge(graphdef, state), config
 
 
@@ -209,8 +171,6 @@ def save_hf_checkpoint(model: Gemma3ForConditionalGeneration, config: Gemma3Conf
     more than ``max_shard_bytes`` gives several files and a ``model.safetensors.index.json``.
     ``dtype`` defaults to each parameter's dtype. Files are written atomically.
     """
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     hf_cfg = config.to_hf_dict()
     entries = []
     for p, var in _flat(nnx.state(model, nnx.Param)):
@@ -218,39 +178,9 @@ def save_hf_checkpoint(model: Gemma3ForConditionalGeneration, config: Gemma3Conf
         out_dtype = np.dtype(dtype) if dtype is not None else np.dtype(value.dtype)
 
         def make(p=p, var=var):
-            arr = var.get_value()
-            if not arr.is_fully_addressable:
-                from jax.experimental import multihost_utils
-                arr = multihost_utils.process_allgather(arr, tiled=True)
-            return to_hf_layout(p, np.asarray(jax.device_get(arr)), config)
+            return to_hf_layout(p, host_array(var.get_value()), config)
 
         entries.append((release_key(hf_key(p)), hf_shape(p, value.shape, config), out_dtype, make))
     if dtype is not None:
         hf_cfg["dtype"] = np.dtype(dtype).name
-    shards, current, size = [], [], 0
-    for e in entries:
-        nbytes = math.prod(e[1]) * e[2].itemsize
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append(e)
-        size += nbytes
-    if current:
-        shards.append(current)
-    if jax.process_index() == 0:
-        (path / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    weight_map = {}
-    for name, shard in zip(names, shards, strict=True):
-        if jax.process_index() == 0:
-            write_safetensors(path / name, shard)
-        else:  # other hosts still take part in the all-gathers
-            for *_, make in shard:
-                make()
-        weight_map.update({e[0]: name for e in shard})
-    if len(shards) > 1 and jax.process_index() == 0:
-        total = sum(math.prod(e[1]) * e[2].itemsize for e in entries)
-        (path / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
-    return path
+    return write_checkpoint(path, hf_cfg, entries, max_shard_bytes=max_shard_bytes)

@@ -9,105 +9,41 @@ put on one device first.
 Name mapping: the NNX attribute path joined with dots is the HF key under ``model.`` (the LM
 head is ``lm_head``); ``Dense.kernel [in, out]`` is the transpose of torch's ``weight``; the
 patch embedding kernel ``[C*T*ps*ps, E]`` is the Conv3d weight ``[E, C, T, ps, ps]`` flattened.
+Reading, checking, materialising and writing safetensors are :mod:`jdelta.models.safetensors_io`'s
+(shared with every family); the names it had here are re-exported.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import struct as _struct
-from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import jax
-import ml_dtypes
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jdelta.errors import UserError
 from jdelta.models.qwen3_vl.config import Qwen3VLConfig
 from jdelta.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
+from jdelta.models.safetensors_io import (
+    CheckpointFileError,
+    CheckpointMismatchError,
+    TensorSource,
+    check_checkpoint,
+    host_array,
+    materialise,
+    read_safetensors_header,
+    tensors_in,
+    write_checkpoint,
+    write_safetensors,
+)
+from jdelta.models.safetensors_io import checkpoint_tensors as _checkpoint_tensors
 from jdelta.sharding import Rules, state_shardings
 
-_ST_DTYPES = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
-}
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
-
-
-class CheckpointMismatchError(ValueError):
-    """The checkpoint's keys or shapes do not match the model config."""
-
-
-class CheckpointFileError(UserError, ValueError):
-    """A safetensors file that cannot be read (truncated, corrupt header); the message names it."""
-
-
-# ----------------------------------------------------------------------------- safetensors I/O
-
-def read_safetensors_header(file: Path) -> tuple[dict, int]:
-    """``(header dict, data start offset)`` of a safetensors file.
-
-    Checks that the file holds every byte its header describes, so a half-written or partly
-    downloaded file fails here, naming the file, instead of deep inside a memory map.
-    """
-    size = Path(file).stat().st_size
-    with open(file, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise CheckpointFileError(f"{file}: not a safetensors file (only {size} bytes)")
-        (n,) = _struct.unpack("<Q", raw)
-        if n > size - 8:
-            raise CheckpointFileError(
-                f"{file}: truncated or not a safetensors file (header of {n} bytes, file of {size} bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointFileError(f"{file}: corrupt safetensors header ({e})") from e
-    if not isinstance(header, dict):
-        raise CheckpointFileError(f"{file}: corrupt safetensors header (not a JSON object)")
-    header.pop("__metadata__", None)
-    need = 8 + n
-    for key, entry in header.items():
-        try:
-            start, end = (int(v) for v in entry["data_offsets"])
-            shape = [int(d) for d in entry["shape"]]
-            dtype = str(entry["dtype"])
-        except (TypeError, ValueError, KeyError) as e:
-            raise CheckpointFileError(f"{file}: corrupt safetensors header entry for {key!r} ({e!r})") from e
-        if not 0 <= start <= end:
-            raise CheckpointFileError(f"{file}: tensor {key!r} has invalid data offsets [{start}, {end}]")
-        if dtype in _ST_DTYPES and end - start != math.prod(shape) * _ST_DTYPES[dtype].itemsize:
-            raise CheckpointFileError(f"{file}: tensor {key!r}: byte range does not match its shape {tuple(shape)}")
-        need = max(need, 8 + n + end)
-    if size < need:
-        raise CheckpointFileError(
-            f"{file}: truncated safetensors file ({size} bytes, its header describes {need}); "
-            "a half-written save or an interrupted download?")
-    return header, 8 + n
-
-
-class _TensorSource:
-    """Memory-mapped view of one tensor (numpy, zero copy until sliced)."""
-
-    def __init__(self, file: Path, entry: dict, data_start: int):
-        self.file, self.entry, self.data_start = file, entry, data_start
-        if entry["dtype"] not in _ST_DTYPES:
-            raise CheckpointFileError(f"{file}: tensor dtype {entry['dtype']} is not supported")
-        self.dtype = _ST_DTYPES[entry["dtype"]]
-        self.shape = tuple(entry["shape"])
-
-    def array(self) -> np.ndarray:
-        start, _ = self.entry["data_offsets"]
-        if math.prod(self.shape) == 0:
-            return np.zeros(self.shape, self.dtype)
-        return np.memmap(self.file, dtype=self.dtype, mode="r", offset=self.data_start + start, shape=self.shape)
-
+__all__ = ["CheckpointFileError", "CheckpointMismatchError", "abstract_model", "checkpoint_tensors",
+           "checkpoint_tensors_in", "hf_key", "load_hf_checkpoint", "load_cue_recovery", "read_safetensors_header",
+           "save_cue_recovery", "save_hf_checkpoint", "write_safetensors"]
 
 # Older Qwen-VL layouts (pre transformers 4.52) -> the current ``model.visual`` /
 # ``model.language_model`` layout.
@@ -126,65 +62,11 @@ def _canonical_key(key: str) -> str:
     return key
 
 
-def checkpoint_tensors(path: str | Path) -> dict[str, _TensorSource]:
+def checkpoint_tensors(path: str | Path) -> dict[str, TensorSource]:
     """All tensors of a checkpoint directory: ``model.safetensors``, or the shards listed in
     ``model.safetensors.index.json``, or every ``*.safetensors`` file. Keys in the older
     ``visual.*`` / ``model.layers.*`` layout are renamed to the current one."""
-    path = Path(path)
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointFileError(f"{index}: invalid index file ({e!r})") from e
-        files = sorted({path / f for f in weight_map.values()})
-    elif (path / "model.safetensors").is_file():
-        files = [path / "model.safetensors"]
-    else:
-        files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path}: no safetensors files (model.safetensors or an index)")
-    out: dict[str, _TensorSource] = {}
-    for file in files:
-        if not file.is_file():
-            raise FileNotFoundError(f"{file}: listed in {index.name} but missing")
-        header, start = read_safetensors_header(file)
-        for key, entry in header.items():
-            key = _canonical_key(key)
-            if key in out:
-                raise ValueError(f"{file}: tensor {key!r} also in {out[key].file}")
-            out[key] = _TensorSource(file, entry, start)
-    return out
-
-
-def write_safetensors(file: Path, tensors: Iterable[tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]]):
-    """Stream tensors to a safetensors file; each is produced by its callable only when written.
-
-    The bytes go to ``<file>.tmp``, renamed to ``file`` only once complete: an interrupted save
-    never leaves a half-written file under the real name."""
-    tensors = list(tensors)
-    header, offset = {}, 0
-    for key, shape, dtype, _ in tensors:
-        size = math.prod(shape) * np.dtype(dtype).itemsize
-        header[key] = {"dtype": _ST_NAMES[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    header["__metadata__"] = {"format": "pt"}
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    file = Path(file)
-    tmp = file.with_name(file.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(_struct.pack("<Q", len(blob)))
-            f.write(blob)
-            for key, shape, dtype, make in tensors:
-                arr = np.ascontiguousarray(make(), dtype=dtype)
-                if arr.shape != tuple(shape):
-                    raise ValueError(f"{file}: tensor {key} has shape {arr.shape}, expected {shape}")
-                f.write(arr.tobytes())
-        os.replace(tmp, file)
-    finally:
-        tmp.unlink(missing_ok=True)
+    return _checkpoint_tensors(path, _canonical_key)
 
 
 # ----------------------------------------------------------------------------- name mapping
@@ -239,13 +121,6 @@ def _flat_params(state: nnx.State) -> list[tuple[tuple, nnx.Variable]]:
     return [(tuple(p), v) for p, v in nnx.to_flat_state(state)]
 
 
-def _summarise(title: str, items: list[str], limit: int = 25) -> str:
-    shown = items[:limit] + ([f"... and {len(items) - limit} more"] if len(items) > limit else [])
-    return f"  {title} ({len(items)}):\n" + "\n".join(f"    {s}" for s in shown)
-
-
-# ----------------------------------------------------------------------------- load / save
-
 def abstract_model(config: Qwen3VLConfig) -> Qwen3VLForConditionalGeneration:
     """The model with ``ShapeDtypeStruct`` parameters (no memory)."""
     return nnx.eval_shape(lambda: Qwen3VLForConditionalGeneration(config, rngs=nnx.Rngs(0)))
@@ -280,33 +155,10 @@ def load_hf_checkpoint(path: str | Path, *, mesh: Mesh | None = None, rules: Rul
     tensors = checkpoint_tensors(path)
 
     expected = {hf_key(p): (p, v) for p, v in params}
-    ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    missing = sorted(k for k in expected if k not in tensors)
-    unexpected = sorted(k for k in tensors if k not in expected and k not in ignorable)
-    mismatched = []
-    for key, (p, v) in expected.items():
-        if key in tensors:
-            want = hf_shape(p, v.get_value().shape, config)
-            if tensors[key].shape != want:
-                mismatched.append(f"{key}: checkpoint {tensors[key].shape} vs expected {want}")
-    if missing or unexpected or mismatched:
-        parts = [f"{path}: checkpoint does not match its config.json (Qwen3-VL)"]
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                             ("shape mismatches", mismatched)):
-            if items:
-                parts.append(_summarise(title, items))
-        raise CheckpointMismatchError("\n".join(parts))
-
+    check_checkpoint(path, "Qwen3-VL", {k: hf_shape(p, v.get_value().shape, config) for k, (p, v) in expected.items()},
+                     tensors, ignorable={"lm_head.weight"} if config.tie_word_embeddings else ())
     for key, (p, var) in expected.items():
-        abstract = var.get_value()
-        source = to_jdelta_layout(p, tensors[key].array())
-        target = np.dtype(abstract.dtype)
-        if p in shardings:
-            value = jax.make_array_from_callback(
-                abstract.shape, shardings[p], lambda idx, s=source, t=target: np.asarray(s[idx], dtype=t))
-        else:
-            value = jax.device_put(np.asarray(source, dtype=target))
-        var.set_value(value)
+        var.set_value(materialise(var.get_value(), to_jdelta_layout(p, tensors[key].array()), shardings.get(p)))
     model = nnx.merge(graphdef, state)
     if cue_recovery and (path / CUE_SETTINGS).is_file():
         load_cue_recovery(model, path, mesh=mesh, rules=rules)
@@ -321,8 +173,6 @@ def save_hf_checkpoint(model: Qwen3VLForConditionalGeneration, config: Qwen3VLCo
     gives several files and a ``model.safetensors.index.json``. ``dtype`` defaults to each
     parameter's dtype.
     """
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     hf_cfg = config.to_hf_dict()
     params = [(p, v) for p, v in _flat_params(nnx.state(model, nnx.Param)) if p[0] != CUE_ATTR]
     entries = []
@@ -331,43 +181,12 @@ def save_hf_checkpoint(model: Qwen3VLForConditionalGeneration, config: Qwen3VLCo
         out_dtype = np.dtype(dtype) if dtype is not None else np.dtype(value.dtype)
 
         def make(p=p, var=var):
-            arr = var.get_value()
-            if not arr.is_fully_addressable:
-                from jax.experimental import multihost_utils
-                arr = multihost_utils.process_allgather(arr, tiled=True)
-            return to_hf_layout(p, np.asarray(jax.device_get(arr)), config)
+            return to_hf_layout(p, host_array(var.get_value()), config)
 
         entries.append((hf_key(p), hf_shape(p, value.shape, config), out_dtype, make))
     if dtype is not None:
         hf_cfg["dtype"] = np.dtype(dtype).name
-    shards, current, size = [], [], 0
-    for e in entries:
-        nbytes = math.prod(e[1]) * e[2].itemsize
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append(e)
-        size += nbytes
-    if current:
-        shards.append(current)
-    if jax.process_index() == 0:
-        (path / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-    if len(shards) == 1:
-        names = ["model.safetensors"]
-    else:
-        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {}
-    for name, shard in zip(names, shards, strict=True):
-        if jax.process_index() == 0:
-            write_safetensors(path / name, shard)
-        else:  # other hosts still take part in the all-gathers
-            for *_, make in shard:
-                make()
-        weight_map.update({e[0]: name for e in shard})
-    if len(shards) > 1 and jax.process_index() == 0:
-        total = sum(math.prod(e[1]) * e[2].itemsize for e in entries)
-        (path / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    path = write_checkpoint(path, hf_cfg, entries, max_shard_bytes=max_shard_bytes)
     save_cue_recovery(getattr(model, CUE_ATTR, None), path, dtype=dtype)
     return path
 
@@ -409,10 +228,7 @@ def save_cue_recovery(module, path: str | Path, *, dtype=None) -> None:
 
         def make(var=var, linear=linear):
             arr = var.get_value()
-            if not arr.is_fully_addressable:
-                from jax.experimental import multihost_utils
-                arr = multihost_utils.process_allgather(arr, tiled=True)
-            arr = np.asarray(jax.device_get(arr))
+            arr = host_array(arr)
             return arr.T if linear else arr
 
         entries.append((_cue_key(p), shape, out_dtype, make))
@@ -469,18 +285,11 @@ def load_cue_recovery(model: Qwen3VLForConditionalGeneration, path: str | Path, 
         if source.shape != tuple(abstract_value.shape):
             raise CheckpointMismatchError(f"{path / CUE_WEIGHTS}: {key} has shape {hf.shape}, "
                                           f"expected {tuple(abstract_value.shape)} (transposed)")
-        target = np.dtype(abstract_value.dtype)
-        if p in shardings:
-            value = jax.make_array_from_callback(
-                abstract_value.shape, shardings[p], lambda idx, s=source, t=target: np.asarray(s[idx], dtype=t))
-        else:
-            value = jax.device_put(np.asarray(source, dtype=target))
-        var.set_value(value)
+        var.set_value(materialise(abstract_value, source, shardings.get(p)))
     setattr(model, CUE_ATTR, nnx.data(nnx.merge(graphdef, state)))
     return model
 
 
-def checkpoint_tensors_in(file: Path) -> dict[str, _TensorSource]:
+def checkpoint_tensors_in(file: Path) -> dict[str, TensorSource]:
     """The tensors of one safetensors file (no key renaming)."""
-    header, start = read_safetensors_header(file)
-    return {key: _TensorSource(file, entry, start) for key, entry in header.items()}
+    return tensors_in(file)
