@@ -23,6 +23,8 @@ This module holds the runtime pieces every stage shares:
 * :func:`run_dir`: the run directory as several processes share it: process 0 holds the
   :class:`~jdelta.runs.RunDir` (lock, manifest, every result file); the others get a
   :class:`FollowerRun` that reads the same directory and writes nothing, so outputs never collide.
+  :func:`private_mirror` does the same for a stage that writes its directory itself (the synthesis
+  pipeline): the other processes run in a private copy that is discarded.
 
 Environment (read by :func:`initialize_from_env`, which ``jdelta`` calls when
 ``JDELTA_DISTRIBUTED=1``): ``JDELTA_COORDINATOR`` (``host:port``), ``JDELTA_NUM_PROCESSES``,
@@ -97,9 +99,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         raise DistributedError(f"process id {process_id} not in [0, {num_processes})")
     if coordinator is not None and process_id not in (None, 0):
         wait_for_coordinator(coordinator, timeout_s)
-    platforms = os.environ.get("JAX_PLATFORMS", "") or str(jax.config.jax_platforms or "")
-    if platforms.split(",")[0] == "cpu":  # CPU devices of several processes talk through Gloo
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if not os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):  # CPU devices of several processes talk
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # through Gloo (GPU/TPU: unaffected)
     jax.distributed.initialize(coordinator, num_processes, process_id,
                                initialization_timeout=max(1, int(timeout_s)))
 
@@ -196,6 +197,18 @@ def host_array(x: Any) -> np.ndarray:
 
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
+
+
+def gathered_model(model):
+    """``model`` with every array as a host copy when its arrays span several processes (for export);
+    every process must call it. One process: ``model`` unchanged."""
+    if not is_multiprocess():
+        return model
+    import jax
+    from flax import nnx
+
+    nnx.update(model, jax.tree.map(host_array, nnx.state(model)))
+    return model
 
 
 def global_array(local: np.ndarray, sharding, global_shape: tuple[int, ...] | None = None):
@@ -377,6 +390,38 @@ def run_dir(path: str | os.PathLike, stage: str, **kwargs: Any) -> Iterator[Any]
     yield FollowerRun(Path(path).absolute(), state)
 
 
+@contextlib.contextmanager
+def private_mirror(path: str | os.PathLike) -> Iterator[Path]:
+    """The directory this process should run a file-driven stage in (the synthesis pipeline).
+
+    Process 0 gets ``path``; every other process a private copy of it as it was at the start (so all
+    make the same resume decisions and run the same model computations in step) that is deleted at
+    the end: the results are written once, by process 0. One process: ``path`` itself.
+    """
+    import shutil
+    import tempfile
+
+    path = Path(path)
+    if not is_multiprocess():
+        yield path
+        return
+    check_shared_directory(path)
+    barrier("jdelta mirror: process 0 waits")
+    if is_primary():
+        barrier("jdelta mirror: copied")
+        yield path
+        return
+    scratch = Path(tempfile.mkdtemp(prefix=f"jdelta-process-{process_index()}-"))
+    try:
+        mirror = scratch / path.name
+        if path.is_dir():
+            shutil.copytree(path, mirror, ignore=shutil.ignore_patterns(".lock*", NONCE_FILE))
+        barrier("jdelta mirror: copied")
+        yield mirror
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 # ----------------------------------------------------------------------------- prompt batches
 
 
@@ -495,6 +540,7 @@ __all__ = [
     "check_same_program",
     "check_shared_directory",
     "code_fingerprint",
+    "gathered_model",
     "global_array",
     "host_array",
     "initialize",
@@ -504,6 +550,7 @@ __all__ = [
     "local_rows",
     "process_count",
     "process_index",
+    "private_mirror",
     "prompt_batches",
     "run_dir",
 ]

@@ -307,6 +307,7 @@ class Distiller:
     def __init__(self, pair: Pair, settings: DistillSettings):
         import jax
         import jax.numpy as jnp
+        from flax import nnx
 
         from jdelta import losses
         from jdelta.distill.batch import completion_hidden, model_inputs
@@ -320,7 +321,9 @@ class Distiller:
                                warmup_fraction=s.warmup_fraction, clip_norm=1.0, total_steps=s.steps)
         self.tx = make_optimizer(ocfg)
         self._TrainState = TrainState
-        template = TrainState.create(pair.student, self.tx).model()  # a separate module the sampler re-points
+        # The sampler re-points a module at each state's parameters (nnx.update); every module and
+        # state here starts from a clone, so no update can reach the shared pair.student.
+        template = TrainState.create(nnx.clone(pair.student), self.tx).model()
         self.dcfg = DistillConfig(
             mode=s.mode, rollouts_per_prompt=s.rollouts, temperature=s.temperature, top_p=s.top_p,
             max_new_tokens=s.max_new_tokens, stop_token_ids=pair.stop_ids, pad_id=pair.pad_id, chunk_size=16,
@@ -328,7 +331,7 @@ class Distiller:
             va_lambda=s.va_lambda, va_tau=s.va_tau, va_high_fraction=s.va_high_fraction)
         self.producer = OnPolicyDistiller(template, pair.teacher, self.dcfg, iter(()))
         step_fn = make_train_step(make_distill_loss(self.dcfg), schedule=make_schedule(ocfg))
-        self.train_step = jit_train_step(step_fn, TrainState.create(pair.student, self.tx), donate=False)
+        self.train_step = jit_train_step(step_fn, self.initial_state(0), donate=False)
         vocab = self.dcfg.vocab_size
 
         def kl_per_response(state, batch, teacher_head):
@@ -344,7 +347,10 @@ class Distiller:
         self._kl = jax.jit(kl_per_response)
 
     def initial_state(self, seed: int):
-        return self._TrainState.create(self.pair.student, self.tx, seed=seed)
+        """A fresh train state of the pair's student (cloned: training never touches ``pair.student``)."""
+        from flax import nnx
+
+        return self._TrainState.create(nnx.clone(self.pair.student), self.tx, seed=seed)
 
     def reverse_kl(self, state, prompts: Mapping[str, np.ndarray], families: Sequence[str], *, seed: int,
                    ) -> dict[str, float]:

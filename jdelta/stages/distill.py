@@ -245,10 +245,13 @@ def train(cfg: Config) -> Trained:
         skip_report = getattr(source.checkpointable, "skip_report", None)
         if skip_report is not None:  # records the data source left out, by reason
             summary["data_skipped"] = skip_report.as_dict()
-        if cfg.export.path and not result.preempted and run.writes:  # multi-host: gathered by process 0 only
+        if cfg.export.path and not result.preempted:
+            from jdelta.distributed import gathered_model
             from jdelta.models.family import family_of_config
 
-            family_of_config(student_cfg).export(result.state.model(), student_cfg, cfg.export.path)
+            model = gathered_model(result.state.model())  # multi-host: every process gathers, process 0 writes
+            if run.writes:
+                family_of_config(student_cfg).export(model, student_cfg, cfg.export.path)
             summary["export"] = str(cfg.export.path)
         run.update(counts={"steps": summary["steps"], "nan_steps": summary["nan_steps"],
                            **({"data_skipped": summary["data_skipped"]["counts"]} if "data_skipped" in summary

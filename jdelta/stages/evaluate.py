@@ -79,7 +79,8 @@ def run_eval(cfg: Config, *, session=None, notes=()) -> dict:
         pipeline_config_for,
         tokenizer_fingerprint,
     )
-    from jdelta.runs import RunDir, dumps_jsonl, input_fingerprint, read_jsonl, write_json
+    from jdelta.distributed import run_dir
+    from jdelta.runs import dumps_jsonl, input_fingerprint, read_jsonl, write_json
 
     benchmarks = parse_data_spec(cfg.data)
     sources = {b.name: b.open() for b in benchmarks}
@@ -96,8 +97,9 @@ def run_eval(cfg: Config, *, session=None, notes=()) -> dict:
         "model": identity,
         "tokenizer": {"path": str(tok_dir.resolve()), "fingerprint": tokenizer_fingerprint(tok)},
     }
-    with RunDir(cfg.out, "eval", config=to_dict(cfg), inputs=inputs, overwrite=cfg.overwrite,
-                ignore=IGNORED_KEYS) as run:
+    # multi-host: process 0 writes the run directory, the others evaluate with it and write nothing
+    with run_dir(cfg.out, "eval", config=to_dict(cfg), inputs=inputs, overwrite=cfg.overwrite,
+                 ignore=IGNORED_KEYS) as run:
         t0 = time.perf_counter()
         rows = []
         loaded = None
@@ -129,7 +131,8 @@ def run_eval(cfg: Config, *, session=None, notes=()) -> dict:
         average = float(np.mean(scores)) if scores else None
         results = {"model": identity, "decoding": "greedy" if greedy else f"majority of {cfg.sampling.n} samples",
                    "benchmarks": rows, "average": average}
-        write_json(run.file("results.json"), results)
+        if run.writes:
+            write_json(run.file("results.json"), results)
         run.write_atomic("results.md", results_markdown(rows, average, notes))
         run.update(complete=True, seconds=time.perf_counter() - t0, counts={
             r["benchmark"]: {k: r[k] for k in ("prompts", "scored", "skipped", "skipped_by_reason")} for r in rows})
@@ -137,6 +140,10 @@ def run_eval(cfg: Config, *, session=None, notes=()) -> dict:
 
 
 def run(cfg: Config) -> int:
+    from jdelta.distributed import is_primary
+
     run_eval(cfg)
+    if not is_primary():  # multi-host: process 0 reports
+        return 0
     print((Path(cfg.out) / "results.md").read_text(encoding="utf-8"))
     return 0

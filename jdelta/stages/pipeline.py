@@ -54,13 +54,23 @@ def log(line: str) -> None:
 
 
 def run(cfg: Config) -> int:
-    pipeline = Pipeline(cfg.out, cfg, process_index=cfg.process_index, num_processes=cfg.num_processes,
-                        wait_seconds=cfg.wait, overwrite=cfg.overwrite, progress=cfg.progress, log=log)
-    try:
-        manifest = pipeline.run()
-    except WaitingForShards as e:
-        print(f"jdelta pipeline: {e}", file=sys.stderr)
-        return 3
+    from jdelta import distributed
+
+    if distributed.is_multiprocess() and cfg.num_processes > 1:
+        raise distributed.DistributedError(
+            "num_processes > 1 (independent processes over file units) and a multi-host run (JDELTA_DISTRIBUTED: "
+            "one program over every process) exclude each other; use one of them")
+    # multi-host: one program; process 0 writes OUT, the others run in a private copy of it
+    with distributed.private_mirror(cfg.out) as out:
+        pipeline = Pipeline(out, cfg, process_index=cfg.process_index, num_processes=cfg.num_processes,
+                            wait_seconds=cfg.wait, overwrite=cfg.overwrite, progress=cfg.progress, log=log)
+        try:
+            manifest = pipeline.run()
+        except WaitingForShards as e:
+            print(f"jdelta pipeline: {e}", file=sys.stderr)
+            return 3
+    if not distributed.is_primary():
+        return 0
     out = manifest["stages"]["output"]
     print(f"output: {out['out']} records ({out['seed_records']} seeds, {out['synthesized_records']} synthesized) "
           f"in {manifest['output']}")

@@ -171,3 +171,28 @@ def test_jit_prefill_logits_are_capped_under_jit(capped):
     got = np.asarray(last(state, jnp.asarray(ids), jnp.asarray(mask)))
     want = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)).logits[:, -1])
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_a_gemma3_student_with_the_cue_recovery_module_exports_it_beside_the_weights(capped, tmp_path):
+    """ViCuR on Gemma 3: the module is written to cue_recovery.{json,safetensors}, never into the
+    main weights (which a plain Gemma 3 loader must accept), and reattached on load."""
+    from jdelta.distill.vicur import with_cue_recovery
+    from jdelta.models.cue_recovery import CueRecoveryConfig
+    from jdelta.models.family import load_checkpoint
+    from jdelta.models.gemma3.weights import save_hf_checkpoint
+    from jdelta.models.safetensors_io import tensors_in
+
+    _, cfg = capped
+    model = Gemma3ForConditionalGeneration(cfg, rngs=nnx.Rngs(1))
+    with_cue_recovery(model, CueRecoveryConfig(), sink_token_id=4)
+    module = model.cue_recovery
+    save_hf_checkpoint(model, cfg, tmp_path)
+    assert {"cue_recovery.json", "cue_recovery.safetensors"} <= {p.name for p in tmp_path.iterdir()}
+    assert not [k for k in tensors_in(tmp_path / "model.safetensors") if "cue" in k]
+    loaded, _ = load_checkpoint(tmp_path)
+    want = {"/".join(map(str, k)): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(module))}
+    got = {"/".join(map(str, k)): np.asarray(v.get_value())
+           for k, v in nnx.to_flat_state(nnx.state(loaded.cue_recovery))}
+    assert want.keys() == got.keys() and all(np.array_equal(want[k], got[k]) for k in want)
+    plain, _ = load_checkpoint(tmp_path, cue_recovery=False)
+    assert getattr(plain, "cue_recovery", None) is None

@@ -1,6 +1,7 @@
-"""``jdelta sample`` and ``jdelta score`` as one program over 2 processes x 4 CPU devices equal the
-one-process run over 8 devices: the same samples (token ids, texts), the same Δ per prompt, every
-record accounted for once, and only process 0 writes."""
+"""``jdelta sample``, ``score`` and ``eval`` as one program over 2 processes x 4 CPU devices equal the
+one-process run over 8 devices: the same samples (token ids, texts), the same Δ per prompt, the same
+predictions, every record accounted for once, and only process 0 writes. (score runs in the default
+suite; sample and eval, the same batch and sampler path, are marked slow.)"""
 
 import json
 
@@ -38,6 +39,7 @@ def rows(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow  # the score test below runs the same sampler path (both models) in the default suite
 def test_sample_two_processes_equal_one(setup):
     root, prompts, _, student = setup
     assert main(sample_args(student, prompts, root / "one")) == 0
@@ -69,3 +71,15 @@ def test_score_two_processes_equal_one(setup):
     assert two == one  # Δ, p-values, classes, completions: identical
     assert sum(r["status"] == "skipped" for r in two) == 1
     assert (root / "score2" / "report.md").read_text() == (root / "score1" / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_eval_two_processes_equal_one(setup):
+    root, prompts, _, student = setup
+    args = ["eval", "--model", str(student), "--data", f"charts={prompts}", "--max-new-tokens", "6",
+            "--batch-size", "4", "--max-pixels", str(64 * 64), "--no-progress", "--mesh", MESH]
+    assert main([*args, "--out", str(root / "eval1")]) == 0
+    run_ok(cli(*args, "--out", str(root / "eval2")))
+    assert rows(root / "eval2" / "predictions-charts.jsonl") == rows(root / "eval1" / "predictions-charts.jsonl")
+    assert json.loads((root / "eval2" / "results.json").read_text()) == \
+        json.loads((root / "eval1" / "results.json").read_text())

@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from jdelta.models.cue_recovery_io import CUE_ATTR, CUE_SETTINGS, load_cue_recovery, save_cue_recovery
 from jdelta.models.gemma3.config import Gemma3Config
 from jdelta.models.gemma3.model import Gemma3ForConditionalGeneration
 from jdelta.models.safetensors_io import (
@@ -134,6 +135,7 @@ def abstract_model(config: Gemma3Config) -> Gemma3ForConditionalGeneration:
 
 
 def load_hf_checkpoint(path: str | Path, *, mesh: Mesh | None = None, rules: Rules | None = None, dtype=None,
+                       cue_recovery: bool = True,
                        **config_overrides) -> tuple[Gemma3ForConditionalGeneration, Gemma3Config]:
     """Load an HF ``Gemma3ForConditionalGeneration`` directory into a (sharded) NNX model.
 
@@ -143,7 +145,8 @@ def load_hf_checkpoint(path: str | Path, *, mesh: Mesh | None = None, rules: Rul
       dtype: parameter and compute dtype (e.g. "bfloat16"); default: the config's (float32).
       config_overrides: other jdelta config fields (``attention_impl``, ``remat_policy``).
     Returns:
-      ``(model, config)``.
+      ``(model, config)``; a ViCuR cue-recovery module exported beside the weights
+      (:mod:`jdelta.models.cue_recovery_io`) is attached unless ``cue_recovery=False``.
     Raises:
       CheckpointMismatchError listing missing, unexpected and shape-mismatched keys.
     """
@@ -160,7 +163,10 @@ def load_hf_checkpoint(path: str | Path, *, mesh: Mesh | None = None, rules: Rul
                      tensors, ignorable={"lm_head.weight"} if config.tie_word_embeddings else (), show=release_key)
     for key, (p, var) in expected.items():
         var.set_value(materialise(var.get_value(), to_jdelta_layout(p, tensors[key].array()), shardings.get(p)))
-    return nnx.merge(graphdef, state), config
+    model = nnx.merge(graphdef, state)
+    if cue_recovery and (path / CUE_SETTINGS).is_file():
+        load_cue_recovery(model, path, mesh=mesh, rules=rules)
+    return model, config
 
 
 def save_hf_checkpoint(model: Gemma3ForConditionalGeneration, config: Gemma3Config, path: str | Path, *,
@@ -174,6 +180,8 @@ def save_hf_checkpoint(model: Gemma3ForConditionalGeneration, config: Gemma3Conf
     hf_cfg = config.to_hf_dict()
     entries = []
     for p, var in _flat(nnx.state(model, nnx.Param)):
+        if p[0] == CUE_ATTR:  # ViCuR's module goes beside the weights
+            continue
         value = var.get_value()
         out_dtype = np.dtype(dtype) if dtype is not None else np.dtype(value.dtype)
 
@@ -183,4 +191,6 @@ def save_hf_checkpoint(model: Gemma3ForConditionalGeneration, config: Gemma3Conf
         entries.append((release_key(hf_key(p)), hf_shape(p, value.shape, config), out_dtype, make))
     if dtype is not None:
         hf_cfg["dtype"] = np.dtype(dtype).name
-    return write_checkpoint(path, hf_cfg, entries, max_shard_bytes=max_shard_bytes)
+    path = write_checkpoint(path, hf_cfg, entries, max_shard_bytes=max_shard_bytes)
+    save_cue_recovery(getattr(model, CUE_ATTR, None), path, dtype=dtype)
+    return path
