@@ -207,7 +207,8 @@ def gathered_model(model):
     import jax
     from flax import nnx
 
-    nnx.update(model, jax.tree.map(host_array, nnx.state(model)))
+    cpu = jax.local_devices(backend="cpu")[0]  # host memory: a whole model may not fit one accelerator
+    nnx.update(model, jax.tree.map(lambda x: jax.device_put(host_array(x), cpu), nnx.state(model)))
     return model
 
 

@@ -45,8 +45,8 @@ from jax.sharding import Mesh
 
 from jdelta.buckets import bucket
 from jdelta.decode_attention import kv_segments, read_prefix, write_prefix
-from jdelta.models.family import logits_from_hidden
 from jdelta.distributed import host_array
+from jdelta.models.family import logits_from_hidden
 from jdelta.sharding import Rules, activation_sharding, state_shardings
 from jdelta.top_p import apply_top_p as top_p_filter
 from jdelta.top_p import top_k_values

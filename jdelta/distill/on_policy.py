@@ -104,7 +104,7 @@ class DistillConfig:
       module's default zero-output init and ``privileged=none`` that teacher equals the initial
       student, so there is no signal: module-only ablations need a separate teacher or ``answer``.
     cue: the module's settings (:class:`~jdelta.models.cue_recovery.CueRecoveryConfig`; the sink
-      token is the data tokenizer's ``<|im_start|>`` when there is one).
+      token is the data tokenizer's turn-opening token, ``<|im_start|>`` / ``<start_of_turn>``, when there is one).
     vicur_clip_low / vicur_clip_high / vicur_dual_clip / vicur_k1_clamp: the ViCuR loss's PPO clip,
       dual clip and k1 clamp (METHODS.md: 0.2 / 0.2 / 3 / 10).
     completion_bucket: the completion axis is trimmed to the longest rollout, rounded up

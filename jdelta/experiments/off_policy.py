@@ -123,4 +123,23 @@ def run_seed(settings: Settings, seed: int, workdir: Path, log) -> SeedResult:
     return SeedResult(metrics=metrics, curves=curves, notes=notes)
 
 
-__all__ = ["CONDITIONS", "SMOKE", "Settings", "describe", "run_seed"]
+def summarize(s: Settings, agg: dict) -> str:
+    """Paired differences (same seed, same initial student, same teacher samples per prompt)."""
+    from jdelta.experiments.runner import fmt_interval, paired_difference
+
+    pairs = (("delta", "random"), ("delta", "before"), ("random", "before"))
+    lines = ["### Paired differences (per seed, then mean [95% t-interval])", "",
+             "| metric | " + " | ".join(f"{a} − {b}" for a, b in pairs) + " |", "|---|---|---|---|"]
+    for metric in ("accuracy/all", "accuracy/trend", "accuracy/counting", "accuracy/argmax", "accuracy/argmin"):
+        cells = []
+        for a, b in pairs:
+            try:
+                m, lo, hi, _ = paired_difference(agg, metric, a, b)
+                cells.append(fmt_interval(m, lo, hi))
+            except (KeyError, ValueError):
+                cells.append("n/a")
+        lines.append(f"| {metric} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+__all__ = ["CONDITIONS", "SMOKE", "Settings", "describe", "run_seed", "summarize"]

@@ -206,7 +206,7 @@ def attach_cue_recovery(model, cfg: CueRecoveryConfig, *, rngs: nnx.Rngs | jax.A
 
     From then on the model's prefill/training forwards run it through the decoder's ``layer_hook``;
     its parameters are part of ``nnx.state(model)`` (trained, sharded and checkpointed with the
-    model). The HF export writes them to a separate file (:mod:`jdelta.models.qwen3_vl.weights`).
+    model). Every family's HF export writes them to separate files (:mod:`jdelta.models.cue_recovery_io`).
     """
     mc = model.config
     module = make_cue_recovery(mc.text, cfg, dtype=jnp.dtype(mc.dtype), param_dtype=jnp.dtype(mc.param_dtype),
