@@ -41,6 +41,8 @@ import os
 import pickle
 import secrets
 import socket
+import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -101,8 +103,22 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         wait_for_coordinator(coordinator, timeout_s)
     if not os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):  # CPU devices of several processes talk
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # through Gloo (GPU/TPU: unaffected)
-    jax.distributed.initialize(coordinator, num_processes, process_id,
-                               initialization_timeout=max(1, int(timeout_s)))
+    # JAX aborts (SIGABRT, DEADLINE_EXCEEDED) when some process never joins; say so in one line first.
+    watchdog = threading.Timer(timeout_s, _never_joined, (coordinator, num_processes, timeout_s))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        jax.distributed.initialize(coordinator, num_processes, process_id,
+                                   initialization_timeout=max(1, int(timeout_s)) + 10)
+    finally:
+        watchdog.cancel()
+
+
+def _never_joined(coordinator: str | None, num_processes: int | None, timeout_s: float) -> None:
+    print(f"jdelta: error: not every process joined within {timeout_s:g} s (coordinator {coordinator or 'auto'}, "
+          f"{num_processes or '?'} processes expected); start all of them with the same coordinator address",
+          file=sys.stderr, flush=True)
+    os._exit(2)
 
 
 def initialize_from_env(environ: Mapping[str, str] | None = None) -> None:

@@ -25,9 +25,9 @@ import jax
 from tqdm.auto import tqdm
 
 from jdelta.checkpoint import Checkpointer, PreemptionGuard
-from jdelta.distributed import any_process
 from jdelta.distill.metrics import MetricsLogger, to_python
 from jdelta.distill.train_state import TrainState
+from jdelta.distributed import any_process
 
 log = logging.getLogger(__name__)
 

@@ -176,8 +176,8 @@ def train(cfg: Config) -> Trained:
     from jdelta.distill.setup import build_model, check_tokenizers, prompt_source
     from jdelta.distill.step import jit_train_step, make_train_step, shard_state
     from jdelta.distill.train_state import TrainState, make_optimizer, make_schedule
-    from jdelta.models.loading import check_pair
     from jdelta.distributed import check_batch, run_dir
+    from jdelta.models.loading import check_pair
 
     on_policy = cfg.method == "on_policy"
     teacher_spec = cfg.teacher if on_policy else None

@@ -70,6 +70,7 @@ def run_eval(cfg: Config, *, session=None, notes=()) -> dict:
 
     from jdelta.completions import progress_bar, sampling_params
     from jdelta.data.tokenizer import load_tokenizer
+    from jdelta.distributed import run_dir
     from jdelta.evaluation import evaluate_source, parse_data_spec, results_markdown, summarize_benchmark
     from jdelta.models.family import prompt_special_tokens
     from jdelta.models.loading import (
@@ -79,7 +80,6 @@ def run_eval(cfg: Config, *, session=None, notes=()) -> dict:
         pipeline_config_for,
         tokenizer_fingerprint,
     )
-    from jdelta.distributed import run_dir
     from jdelta.runs import dumps_jsonl, input_fingerprint, read_jsonl, write_json
 
     benchmarks = parse_data_spec(cfg.data)

@@ -82,6 +82,7 @@ def run(cfg: Config) -> int:
     from jdelta.completions import progress_bar, prompt_batches, sampling_params
     from jdelta.data.records import open_records
     from jdelta.data.tokenizer import load_tokenizer
+    from jdelta.distributed import run_dir
     from jdelta.models.family import prompt_special_tokens
     from jdelta.models.loading import (
         ModelSession,
@@ -90,7 +91,6 @@ def run(cfg: Config) -> int:
         pipeline_config_for,
         tokenizer_fingerprint,
     )
-    from jdelta.distributed import run_dir
     from jdelta.runs import input_fingerprint
 
     source = open_records(cfg.prompts)

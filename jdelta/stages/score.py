@@ -79,6 +79,7 @@ def run_score(cfg: Config, *, session=None, notes: Sequence[str] = (),
     from jdelta.data.tokenizer import load_tokenizer
     from jdelta.delta_report import write_report
     from jdelta.delta_scoring import Scorer
+    from jdelta.distributed import barrier, run_dir
     from jdelta.models.loading import (
         ModelSession,
         check_checkpoint_dir,
@@ -86,7 +87,6 @@ def run_score(cfg: Config, *, session=None, notes: Sequence[str] = (),
         model_identity,
         tokenizer_fingerprint,
     )
-    from jdelta.distributed import barrier, run_dir
     from jdelta.runs import input_fingerprint, read_jsonl
 
     source = open_records(cfg.prompts)

@@ -50,6 +50,16 @@ def test_unreachable_coordinator_is_an_error_within_the_timeout():
     assert time.monotonic() - t0 < 60
 
 
+def test_missing_process_is_an_error_within_the_timeout():
+    t0 = time.monotonic()  # process 0 starts the coordinator; process 1 never comes
+    done = run(cli(*sample_args()), count=1, env={"JDELTA_NUM_PROCESSES": "2", "JDELTA_INIT_TIMEOUT": "3"},
+               timeout=120)
+    assert done[0].returncode == 2
+    assert "jdelta: error: not every process joined within 3 s (coordinator localhost:" in done[0].stderr
+    assert "2 processes expected" in done[0].stderr
+    assert time.monotonic() - t0 < 60
+
+
 def test_processes_with_different_configs_are_refused():
     port = free_port()
     procs = []

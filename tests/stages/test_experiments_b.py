@@ -54,6 +54,22 @@ def _starts_at(summary: dict, cond: str, reference: str, steps: list[int]) -> No
     assert cur["mean"][0] == pytest.approx(summary["metrics"][reference]["accuracy/all"]["mean"])
 
 
+def _shipped_student_untouched() -> None:
+    """The runs trained copies: the pair's student (loaded once per process) still holds the shipped weights."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from jdelta.experiments.common import load_pair
+    from jdelta.models.qwen3_vl.weights import load_hf_checkpoint
+    from jdelta.toy import trained_pair
+
+    fresh, _ = load_hf_checkpoint(trained_pair()[1])
+    used = jax.tree.leaves(nnx.state(load_pair().student, nnx.Param))
+    shipped = jax.tree.leaves(nnx.state(fresh, nnx.Param))
+    assert len(used) == len(shipped) and all(np.array_equal(a, b) for a, b in zip(used, shipped, strict=True))
+
+
 def _accuracies_ok(summary: dict, conds) -> None:
     for c in conds:
         for f in (*FAMILIES, "all"):
@@ -72,6 +88,7 @@ def test_off_policy_smoke(tmp_path, capsys):
         assert sum(shares) == pytest.approx(100.0)
         assert 0 <= m[c]["teacher_correct"]["mean"] <= 100
     assert "delta − random" in md
+    _shipped_student_untouched()
 
 
 def test_transfer_smoke(tmp_path, capsys):
@@ -87,7 +104,7 @@ def test_transfer_smoke(tmp_path, capsys):
     assert all(n["student_train_cpu_s"] > 0 for n in notes)
     # the new student was trained once and is the same for both seeds (same final training loss)
     assert notes[0]["student_final_loss"] == notes[1]["student_final_loss"]
-    assert "delta_transfer − random" in md and "new toy student" in md
+    assert "delta_transfer − random" in md and "a *new* toy student" in md
 
 
 def test_synthesis_smoke(tmp_path, capsys):
@@ -107,6 +124,7 @@ def test_synthesis_smoke(tmp_path, capsys):
         assert set(n["kept_families"]) <= set(FAMILIES) and n["kept"] == screen["out"]
         assert set(n["weights"]) == {f"{f}/1" for f in FAMILIES} and sum(n["weights"].values()) == pytest.approx(1.0)
     assert "synth − seed" in md
+    _shipped_student_untouched()
 
 
 def test_vicur_smoke(tmp_path, capsys):
@@ -116,3 +134,4 @@ def test_vicur_smoke(tmp_path, capsys):
     for c in runs:
         _starts_at(s, c, "before", [0, 2])
     assert "full − opd" in md and "`[Hint]: ...`" in md
+    _shipped_student_untouched()
