@@ -87,7 +87,9 @@ def test_two_processes_equal_one(mode, source, tmp_path):
     done = run_ok(["distill", json.dumps(mapping(tmp_path / "two", 3, **over,
                                                  export={"path": str(tmp_path / "two-hf")}))])
     assert [summary_of(f)["steps"] for f in done] == [3, 3]
-    assert_params_close(params_of(tmp_path / "two"), ref)
+    # records: Adam turns a cross-process (Gloo) vs in-process all-reduce order difference on a near-zero
+    # gradient into one weight of 4096 off by 2.1e-5 after 3 steps (measured); the other cases hold 1e-5
+    assert_params_close(params_of(tmp_path / "two"), ref, atol=1e-4 if source == "records" else 1e-5)
     one = read_metrics(tmp_path / "one" / "metrics.jsonl")
     two = read_metrics(tmp_path / "two" / "metrics.jsonl")
     assert [r["step"] for r in two] == [1, 2, 3]

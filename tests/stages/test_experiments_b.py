@@ -127,6 +127,7 @@ def test_synthesis_smoke(tmp_path, capsys):
     _shipped_student_untouched()
 
 
+@pytest.mark.slow  # five differently compiled training runs: ~2 min on the 2-core machine
 def test_vicur_smoke(tmp_path, capsys):
     s, md = _smoke(tmp_path, capsys, "vicur")
     runs = ("full", "hint_only", "module_only", "answer_self", "opd")
