@@ -126,6 +126,9 @@ class TrainState(struct.PyTreeNode):
     def create(cls, model: nnx.Module, tx: optax.GradientTransformation, *, seed: int = 0) -> TrainState:
         """Split ``model`` and initialise the optimiser. ``model`` is not modified."""
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        # nnx.split's States hold ``model``'s own Variable objects: rebuild them (same arrays, no
+        # copy) so that updating ``model`` or a ``model()`` view never changes this state, and back.
+        params, rest = jax.tree.map(lambda x: x, (params, rest))
         return cls(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -138,8 +141,11 @@ class TrainState(struct.PyTreeNode):
         )
 
     def model(self, params: nnx.State | None = None) -> nnx.Module:
-        """A module view of the state (optionally with other ``params``, e.g. cast to bf16)."""
-        return nnx.merge(self.graphdef, self.params if params is None else params, self.rest)
+        """A new module holding the state's arrays (optionally other ``params``, e.g. cast to bf16).
+
+        Its Variables are its own (the arrays are shared, not copied): ``nnx.update`` on it leaves
+        this state, and every other view, unchanged."""
+        return nnx.merge(self.graphdef, self.params if params is None else params, self.rest, copy=True)
 
     def num_params(self) -> int:
         return sum(int(x.size) for x in jax.tree.leaves(self.params))
