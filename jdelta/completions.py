@@ -11,7 +11,9 @@ decoded text.
   restores the row count, so the compiled shapes stay fixed);
 * :func:`sample_texts` samples ``n`` completions per prompt row and decodes them;
 * :func:`make_sampler` / :func:`sampling_params` build the sampler and its parameters for a
-  pipeline config and a :class:`~jdelta.config.SamplingConfig`.
+  pipeline config and a :class:`~jdelta.config.SamplingConfig`;
+* :class:`ContinuousSampler` samples all the batches through one continuous-batching
+  :class:`~jdelta.rollout_engine.RolloutEngine` call, each row keeping the static sampler's key.
 """
 
 from __future__ import annotations
@@ -119,6 +121,66 @@ def sample_texts(sampler, tokenizer, batch: Mapping[str, np.ndarray], params, rn
     return by_prompt, finish
 
 
+class ContinuousSampler:
+    """The pipeline's batches through one :class:`~jdelta.rollout_engine.RolloutEngine` call, with
+    the static sampler's results: row ``r`` of batch ``step`` draws its token ``t`` from
+    ``fold_in(fold_in(batch_key(step), r), t)`` as ``Sampler.generate(batch, rng=batch_key(step))``.
+
+    ``slots``: decode rows kept busy. Text prompts, one device, one process (refused otherwise).
+    """
+
+    def __init__(self, model, pipeline: PipelineConfig, *, pad_id: int, slots: int, mesh=None):
+        from jdelta.distributed import is_multiprocess
+
+        if is_multiprocess() or mesh is not None:
+            raise ValueError("engine=continuous runs on one device in one process; use engine=static with a mesh "
+                             "or several processes")
+        self.model, self.pipeline, self.pad_id, self.slots = model, pipeline, int(pad_id), int(slots)
+        self.compile_count = 0
+        self.stats: dict = {}
+        self._engines: dict[int, Any] = {}  # by prompt length: compiled programs reused across calls
+
+    def results(self, batches, params: SamplingParams, batch_key) -> Iterator[tuple[PromptBatch, Any]]:
+        """``(batch, GenerationResult)`` per batch of ``batches`` in order, as the static sampler's
+        (``prompt_index`` within the batch); all are computed before the first is yielded."""
+        import jax
+        import jax.numpy as jnp
+
+        from jdelta.buckets import bucket
+        from jdelta.rollout_engine import RolloutEngine
+
+        batches = list(batches)
+        prompts, keys = [], []
+        for step, batch in enumerate(batches):
+            if batch.inputs.get("pixel_values") is not None:
+                raise ValueError(f"engine=continuous takes text prompts only; record {batch.records[0].id!r} "
+                                 "(or another of its batch) has images: use engine=static")
+            ids, mask = np.asarray(batch.inputs["input_ids"]), np.asarray(batch.inputs["attention_mask"])
+            prompts += [{"input_ids": ids[i][mask[i] > 0]} for i in range(len(batch.indices))]
+            k = batch_key(step)
+            keys.append(jax.vmap(lambda r, k=k: jax.random.fold_in(k, r))(
+                jnp.arange(len(batch.indices) * params.n, dtype=jnp.uint32)))
+        if not prompts:
+            return
+        prompt_len = bucket(max(p["input_ids"].size for p in prompts), self.pipeline.seq_buckets)
+        engine = self._engines.get(prompt_len)
+        if engine is None:
+            engine = self._engines[prompt_len] = RolloutEngine(
+                self.model, slots=self.slots, prompt_len=prompt_len, pad_id=self.pad_id,
+                patch_buckets=self.pipeline.patch_buckets, image_buckets=self.pipeline.image_buckets)
+        res = engine.generate(prompts, params, rng=batch_key(0), row_keys=jnp.concatenate(keys))
+        self.compile_count = sum(e.compile_count for e in self._engines.values())
+        self.stats = res.stats
+        n, start = params.n, 0
+        for batch in batches:
+            rows = slice(start * n, (start + len(batch.indices)) * n)
+            yield batch, res._replace(
+                tokens=res.tokens[rows], logprobs=res.logprobs[rows], raw_logprobs=res.raw_logprobs[rows],
+                lengths=res.lengths[rows], finish_reason=res.finish_reason[rows],
+                prompt_index=res.prompt_index[rows] - start, sample_index=res.sample_index[rows])
+            start += len(batch.indices)
+
+
 def progress_bar(total: int, desc: str, enabled: bool, initial: int = 0) -> Any:
     """A tqdm bar over prompts, or None when disabled."""
     if not enabled:
@@ -129,6 +191,7 @@ def progress_bar(total: int, desc: str, enabled: bool, initial: int = 0) -> Any:
 
 
 __all__ = [
+    "ContinuousSampler",
     "PromptBatch",
     "PromptBatches",
     "decode_completions",

@@ -185,10 +185,14 @@ class Scorer:
 
     ``teacher`` / ``student``: loaded models of one family with the same prompt layout; ``session``:
     the :class:`~jdelta.models.loading.ModelSession` whose samplers are used (a fresh one when None).
+    ``engine``: ``"static"`` (one sampler call per batch) or ``"continuous"`` (all the batches of a
+    :meth:`score` call through :class:`~jdelta.completions.ContinuousSampler`, ``engine_slots`` rows,
+    default ``batch_size * n``: the same completions).
     """
 
     def __init__(self, teacher, student, tokenizer, *, sampling: SamplingConfig | None = None,
-                 prompt: PromptConfig | None = None, tests: DeltaTestConfig | None = None, session=None):
+                 prompt: PromptConfig | None = None, tests: DeltaTestConfig | None = None, session=None,
+                 engine: str = "static", engine_slots: int | None = None):
         from jdelta.models.family import prompt_special_tokens
         from jdelta.models.loading import ModelSession, check_pair, pipeline_config_for
 
@@ -203,6 +207,45 @@ class Scorer:
         self.teacher_sampler = self.session.sampler(teacher, pipeline=self.pipeline_config, pad_id=special.pad)
         self.student_sampler = self.session.sampler(student, pipeline=self.pipeline_config, pad_id=special.pad)
         self.generate_calls = 0
+        self.engines = None
+        if engine == "continuous":
+            slots = engine_slots or sampling.batch_size * sampling.n
+            self.engines = tuple(completions.ContinuousSampler(m, self.pipeline_config, pad_id=special.pad,
+                                                               slots=slots, mesh=self.session.mesh)
+                                 for m in (teacher, student))
+        elif engine != "static":
+            raise ValueError(f"engine must be 'static' or 'continuous', got {engine!r}")
+
+    def _continuous(self, batches, key):
+        """``(batch, teacher texts, student texts, finish reasons)`` per batch, through the engines."""
+        import jax
+
+        batches = list(batches)
+        out = []
+        for which, sampler in enumerate(self.engines):
+            got = []
+            for batch, res in sampler.results(batches, self.params,
+                                              lambda b, w=which: jax.random.fold_in(jax.random.fold_in(key, b), w)):
+                texts = completions.decode_completions(self.tokenizer, res.tokens, res.lengths)
+                n = self.params.n
+                got.append(([texts[i * n:(i + 1) * n] for i in range(len(batch.indices))],
+                            [res.finish_reason[i * n:(i + 1) * n] for i in range(len(batch.indices))]))
+            self.generate_calls += 1
+            out.append(got)
+        return [(batch, t[0], s[0], t[1], s[1]) for batch, t, s in zip(batches, *out, strict=True)]
+
+    def _static(self, batches, key):
+        """``(batch, teacher texts, student texts, finish reasons)`` per batch, one sampler call each."""
+        import jax
+
+        for b, batch in enumerate(batches):
+            kb = jax.random.fold_in(key, b)
+            t_txt, t_fin = completions.sample_texts(self.teacher_sampler, self.tokenizer, batch.inputs, self.params,
+                                                    jax.random.fold_in(kb, 0))
+            s_txt, s_fin = completions.sample_texts(self.student_sampler, self.tokenizer, batch.inputs, self.params,
+                                                    jax.random.fold_in(kb, 1))
+            self.generate_calls += 2
+            yield batch, t_txt, s_txt, t_fin, s_fin
 
     def score(self, source, key, *, select: slice | None = None, progress=None) -> list[dict]:
         """One entry per record of ``source`` (``select``: a slice of it), in source order."""
@@ -211,13 +254,8 @@ class Scorer:
         batches = completions.prompt_batches(source, self.tokenizer, self.pipeline_config, select=select)
         recs, idxs, t_all, s_all, tf_all, sf_all = [], [], [], [], [], []
         reported = 0
-        for b, batch in enumerate(batches):
-            kb = jax.random.fold_in(key, b)
-            t_txt, t_fin = completions.sample_texts(self.teacher_sampler, self.tokenizer, batch.inputs, self.params,
-                                                    jax.random.fold_in(kb, 0))
-            s_txt, s_fin = completions.sample_texts(self.student_sampler, self.tokenizer, batch.inputs, self.params,
-                                                    jax.random.fold_in(kb, 1))
-            self.generate_calls += 2
+        for batch, t_txt, s_txt, t_fin, s_fin in (self._continuous(batches, key) if self.engines is not None
+                                                  else self._static(batches, key)):
             recs += batch.records
             idxs += batch.indices
             t_all += t_txt

@@ -87,11 +87,11 @@ def stack_prompts(prompts: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]
     return out
 
 
-def _step(model, st: EngineState, rng, temperature, top_p, stop_ids, *, params, options, pad_id):
-    """One decode step for every slot (the static decode loop's body, per-row step counters)."""
+def _step(model, st: EngineState, row_keys, temperature, top_p, stop_ids, *, params, options, pad_id):
+    """One decode step for every slot (the static decode loop's body, per-row step counters);
+    ``row_keys [R]``: each global row's key (row ``r`` step ``t`` draws with ``fold_in(row_keys[r], t)``)."""
     b = st.logits.shape[0]
-    keys = jax.vmap(lambda r, t: jax.random.fold_in(jax.random.fold_in(rng, r), t))(
-        st.row_id.astype(jnp.uint32), st.t_row)
+    keys = jax.vmap(jax.random.fold_in)(row_keys[jnp.maximum(st.row_id, 0)], st.t_row)
     tok, lp, raw_lp = sample_step(keys, st.logits, params, temperature=temperature, top_p=top_p, options=options)
     live = ~st.done
     tok = jnp.where(live, tok, pad_id)
@@ -110,7 +110,7 @@ def _step(model, st: EngineState, rng, temperature, top_p, stop_ids, *, params, 
                        stopped=st.stopped | stop_now, tokens=tokens, logprobs=lps, raw_logprobs=raw)
 
 
-def run_chunk(graphdef, state, st: EngineState, rng, temperature, top_p, stop_ids, min_free, *,
+def run_chunk(graphdef, state, st: EngineState, row_keys, temperature, top_p, stop_ids, min_free, *,
               params: SamplingParams, options: DecodeOptions, pad_id: int, chunk_steps: int):
     """Up to ``chunk_steps`` steps; stops early when ``min_free`` slots are done, the cache is full
     or every slot is done. Returns ``(state, steps run)``."""
@@ -124,7 +124,7 @@ def run_chunk(graphdef, state, st: EngineState, rng, temperature, top_p, stop_id
 
     def body(c):
         i, s = c
-        return i + 1, _step(model, s, rng, temperature, top_p, stop_ids, params=params, options=options,
+        return i + 1, _step(model, s, row_keys, temperature, top_p, stop_ids, params=params, options=options,
                             pad_id=pad_id)
 
     steps, st = jax.lax.while_loop(cond, body, (jnp.int32(0), st))
@@ -234,11 +234,15 @@ class RolloutEngine:
             raw_logprobs=jnp.zeros((b, max_new), jnp.float32))
 
     def generate(self, prompts: Sequence[Mapping[str, Any]], params: SamplingParams, *, rng: jax.Array | int,
-                 max_new_per_prompt: Sequence[int] | None = None) -> GenerationResult:
+                 max_new_per_prompt: Sequence[int] | None = None,
+                 row_keys: jax.Array | None = None) -> GenerationResult:
         """``params.n`` completions of every prompt (``input_ids [s]``, optional ``pixel_values``,
         ``image_grid_thw``), rows ordered ``prompt * n + sample`` as the static sampler's.
 
         ``max_new_per_prompt``: optional per-prompt caps (``<= params.max_new_tokens``).
+        ``row_keys``: optional ``[len(prompts) * n]`` keys, row ``r`` drawing step ``t`` from
+        ``fold_in(row_keys[r], t)`` (default ``row_keys[r] = fold_in(rng, r)``): rows that several
+        static-sampler calls would draw under different call keys can then run in one engine call.
         """
         if isinstance(rng, int):
             rng = jax.random.key(rng)
@@ -263,6 +267,12 @@ class RolloutEngine:
         graphdef, state = nnx.split(self.model)
 
         rows = len(prompts) * n
+        if row_keys is None:
+            row_keys = jax.vmap(lambda r: jax.random.fold_in(rng, r))(jnp.arange(rows, dtype=jnp.uint32))
+        elif row_keys.shape != (rows,):
+            raise ValueError(f"row_keys must hold {rows} keys (prompts x n), got shape {row_keys.shape}")
+        # padded to a power of two (repeats of the last key, never read) so the chunk compiles once per bucket
+        table = row_keys[np.minimum(np.arange(bucket(rows, tuple(2 ** i for i in range(32)))), rows - 1)]
         out_tokens = np.full((rows, max_new), self.pad_id, np.int32)
         out_lp = np.zeros((rows, max_new), np.float32)
         out_raw = np.zeros((rows, max_new), np.float32)
@@ -284,7 +294,7 @@ class RolloutEngine:
                 stats["prefills"] += 1
             refill_at = max(n, self.refill_at if self.refill_at is not None else b // 8)
             min_free = min(refill_at, b) if (queue and self.refill == "continuous") else b + 1
-            st, steps = self._chunk(graphdef, state, st, rng, *scalars, jnp.int32(min_free), params=structure,
+            st, steps = self._chunk(graphdef, state, st, table, *scalars, jnp.int32(min_free), params=structure,
                                     options=self.options, pad_id=self.pad_id, chunk_steps=self.chunk_steps)
             steps = int(steps)
             done = np.asarray(st.done)

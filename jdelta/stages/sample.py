@@ -17,6 +17,11 @@ temperature 1. ``samples.jsonl`` is streamed to a temporary file and renamed int
 complete: a killed run never leaves a truncated file, and never touches a previous complete one.
 Rerunning the same command on a complete directory does nothing; other settings are refused
 naming what differs (``--overwrite`` discards the old run).
+
+``--engine continuous`` samples every prompt through one :class:`jdelta.rollout_engine.RolloutEngine`
+(``--engine-slots`` decode rows kept busy, default ``batch_size * n``) instead of one static batch
+at a time; each row keeps the key the static sampler gives it, so the file is the same (log-probs
+to float rounding). It takes text prompts on one device in one process.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 from jdelta.config import MeshConfig, ModelSpec, PromptConfig, SamplingConfig, check, to_dict
 
@@ -44,15 +50,19 @@ class Config:
     prompt: PromptConfig = dataclasses.field(default_factory=PromptConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     limit: int | None = None  # only the first N records
+    engine: Literal["static", "continuous"] = "static"  # static batches, or continuous batching (same samples)
+    engine_slots: int | None = None  # continuous: decode rows kept busy (default batch_size * n)
     overwrite: bool = False  # discard a previous run with other settings
     progress: bool = True
 
     def __post_init__(self):
         check(self.model.path is not None, "model", "needs a checkpoint directory (model.path)")
         check(self.limit is None or self.limit >= 1, "limit", f"must be >= 1, got {self.limit}")
+        check(self.engine_slots is None or self.engine_slots >= self.sampling.n, "engine_slots",
+              f"must be >= sampling.n ({self.sampling.n}), got {self.engine_slots}")
 
 
-IGNORED_KEYS = ("out", "progress", "overwrite", "mesh")
+IGNORED_KEYS = ("out", "progress", "overwrite", "mesh", "engine", "engine_slots")  # engine: same samples
 
 
 def sample_rows(res, batch, tokenizer) -> list[dict]:
@@ -79,7 +89,7 @@ def sample_rows(res, batch, tokenizer) -> list[dict]:
 def run(cfg: Config) -> int:
     import jax
 
-    from jdelta.completions import progress_bar, prompt_batches, sampling_params
+    from jdelta.completions import ContinuousSampler, progress_bar, prompt_batches, sampling_params
     from jdelta.data.records import open_records
     from jdelta.data.tokenizer import load_tokenizer
     from jdelta.distributed import run_dir
@@ -121,17 +131,23 @@ def run(cfg: Config) -> int:
         session = ModelSession(cfg.mesh.make())
         model, model_config = session.load(cfg.model, role="model")
         pcfg = pipeline_config_for(model_config, cfg.prompt, batch_size=cfg.sampling.batch_size)
-        sampler = session.sampler(model, pipeline=pcfg, pad_id=special.pad)
         batches = prompt_batches(source, tok, pcfg, select=slice(0, total))
         rng = jax.random.key(cfg.sampling.seed)
+        if cfg.engine == "continuous":
+            sampler = ContinuousSampler(model, pcfg, pad_id=special.pad, mesh=session.mesh,
+                                        slots=cfg.engine_slots or cfg.sampling.batch_size * cfg.sampling.n)
+            results = sampler.results(batches, params, lambda step: jax.random.fold_in(rng, step))
+        else:
+            sampler = session.sampler(model, pipeline=pcfg, pad_id=special.pad)
+            results = ((batch, sampler.generate(batch.inputs, params, rng=jax.random.fold_in(rng, step)))
+                       for step, batch in enumerate(batches))
         prompts = samples = new_tokens = 0
         finish = {"stop": 0, "length": 0}
         t_start = time.perf_counter()
         bar = progress_bar(total, "sample", cfg.progress)
         try:
             with run.open_atomic(SAMPLES) as f:
-                for step, batch in enumerate(batches):
-                    res = sampler.generate(batch.inputs, params, rng=jax.random.fold_in(rng, step))
+                for batch, res in results:
                     for row in sample_rows(res, batch, tok):
                         f.write(json.dumps(row, ensure_ascii=False) + "\n")
                         finish[row["finish_reason"]] += 1
@@ -165,3 +181,4 @@ def run(cfg: Config) -> int:
     if skipped.total:
         print(skipped.summary(), file=sys.stderr)
     return 0
+

@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from jdelta.config import MeshConfig, ModelSpec, PromptConfig, SamplingConfig, check, to_dict
 from jdelta.delta_scoring import DeltaTestConfig
@@ -46,6 +46,8 @@ class Config:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     shard_size: int = 64  # prompts per output shard (the unit of resume)
     max_shards: int | None = None  # stop (resumably) after scoring this many new shards
+    engine: Literal["static", "continuous"] = "static"  # static batches, or continuous batching (same samples)
+    engine_slots: int | None = None  # continuous: decode rows kept busy per model (default batch_size * n)
     overwrite: bool = False  # discard a previous run with other settings
     progress: bool = True
 
@@ -54,10 +56,12 @@ class Config:
         check(self.student.path is not None, "student", "needs a checkpoint directory (student.path)")
         check(self.shard_size >= 1, "shard_size", f"must be >= 1, got {self.shard_size}")
         check(self.max_shards is None or self.max_shards >= 0, "max_shards", f"must be >= 0, got {self.max_shards}")
+        check(self.engine_slots is None or self.engine_slots >= self.sampling.n, "engine_slots",
+              f"must be >= sampling.n ({self.sampling.n}), got {self.engine_slots}")
 
 
 # Keys that may change between runs of one directory without changing any result.
-IGNORED_KEYS = ("out", "progress", "max_shards", "overwrite", "mesh")
+IGNORED_KEYS = ("out", "progress", "max_shards", "overwrite", "mesh", "engine", "engine_slots")
 
 
 def _shard_name(k: int) -> str:
@@ -132,7 +136,7 @@ def run_score(cfg: Config, *, session=None, notes: Sequence[str] = (),
             teacher = session.model(cfg.teacher, role="teacher")
             student = session.model(cfg.student, role="student")
             scorer = Scorer(teacher, student, tok, sampling=cfg.sampling, prompt=cfg.prompt, tests=cfg.delta,
-                            session=session)
+                            session=session, engine=cfg.engine, engine_slots=cfg.engine_slots)
             from jdelta.completions import progress_bar
             from jdelta.runs import dumps_jsonl
 
