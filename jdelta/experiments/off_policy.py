@@ -125,21 +125,9 @@ def run_seed(settings: Settings, seed: int, workdir: Path, log) -> SeedResult:
 
 def summarize(s: Settings, agg: dict) -> str:
     """Paired differences (same seed, same initial student, same teacher samples per prompt)."""
-    from jdelta.experiments.runner import fmt_interval, paired_difference
+    from jdelta.experiments.runner import paired_table
 
-    pairs = (("delta", "random"), ("delta", "before"), ("random", "before"))
-    lines = ["### Paired differences (per seed, then mean [95% t-interval])", "",
-             "| metric | " + " | ".join(f"{a} − {b}" for a, b in pairs) + " |", "|---|---|---|---|"]
-    for metric in ("accuracy/all", "accuracy/trend", "accuracy/counting", "accuracy/argmax", "accuracy/argmin"):
-        cells = []
-        for a, b in pairs:
-            try:
-                m, lo, hi, _ = paired_difference(agg, metric, a, b)
-                cells.append(fmt_interval(m, lo, hi))
-            except (KeyError, ValueError):
-                cells.append("n/a")
-        lines.append(f"| {metric} | {' | '.join(cells)} |")
-    return "\n".join(lines)
+    return paired_table(agg, (("delta", "random"), ("delta", "before"), ("random", "before")))
 
 
 __all__ = ["CONDITIONS", "SMOKE", "Settings", "describe", "run_seed", "summarize"]

@@ -138,6 +138,28 @@ def paired_difference(agg: Mapping[str, Any], metric: str, a: str, b: str) -> tu
     return t_interval([x - y for x, y in zip(va, vb, strict=True)])
 
 
+ACCURACY_METRICS = ("accuracy/all", "accuracy/trend", "accuracy/counting", "accuracy/argmax", "accuracy/argmin")
+
+
+def paired_table(agg: Mapping[str, Any], pairs: Sequence[tuple[str, str]], metrics: Sequence[str] = ACCURACY_METRICS,
+                 *, title: str = "Paired differences", labels: Sequence[str] | None = None) -> str:
+    """Markdown table of :func:`paired_difference` ``a - b`` per metric (rows) and pair (columns);
+    ``n/a`` where a condition or metric was not measured. ``labels``: column heads (``a − b``)."""
+    labels = [f"{a} − {b}" for a, b in pairs] if labels is None else list(labels)
+    lines = [f"### {title} (per seed, then mean [95% t-interval])", "",
+             "| metric | " + " | ".join(labels) + " |", "|---" * (len(pairs) + 1) + "|"]
+    for metric in metrics:
+        cells = []
+        for a, b in pairs:
+            try:
+                m, lo, hi, _ = paired_difference(agg, metric, a, b)
+                cells.append(fmt_interval(m, lo, hi))
+            except (KeyError, ValueError):
+                cells.append("n/a")
+        lines.append(f"| {metric} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- formatting
 
 
@@ -334,5 +356,5 @@ def _nan_to_none(o: Any) -> Any:
 
 
 __all__ = ["aggregate", "cell", "default_settings_file", "experiment_module", "fmt", "fmt_interval",
-           "paired_difference", "plot_curves", "resolve_settings", "results_markdown", "results_table",
+           "paired_difference", "paired_table", "plot_curves", "resolve_settings", "results_markdown", "results_table",
            "run_experiment", "t_interval"]

@@ -197,21 +197,11 @@ def run_seed(s: Settings, seed: int, workdir: Path, log) -> C.SeedResult:
 
 def summarize(s: Settings, agg: dict) -> str:
     """Paired differences synth − seed at each size (same seed, same initial student)."""
-    from jdelta.experiments.runner import fmt_interval, paired_difference
+    from jdelta.experiments.runner import paired_table
 
-    lines = ["### Paired differences synth − seed (per seed, then mean [95% t-interval])", "",
-             "| metric | " + " | ".join(f"{n} ({v})" for n, v in zip(SIZE_NAMES, s.sizes, strict=True)) + " |",
-             "|---|---|---|---|"]
-    for metric in ("accuracy/all", "accuracy/trend", "accuracy/counting", "accuracy/argmax", "accuracy/argmin"):
-        cells = []
-        for n in SIZE_NAMES:
-            try:
-                m, lo, hi, _ = paired_difference(agg, metric, f"synth_{n}", f"seed_{n}")
-                cells.append(fmt_interval(m, lo, hi))
-            except (KeyError, ValueError):
-                cells.append("n/a")
-        lines.append(f"| {metric} | {' | '.join(cells)} |")
-    return "\n".join(lines)
+    return paired_table(agg, [(f"synth_{n}", f"seed_{n}") for n in SIZE_NAMES],
+                        title="Paired differences synth − seed",
+                        labels=[f"{n} ({v})" for n, v in zip(SIZE_NAMES, s.sizes, strict=True)])
 
 
 __all__ = ["CONDITIONS", "SMOKE", "Settings", "describe", "run_seed", "summarize", "synthesize", "world_weights"]

@@ -182,20 +182,9 @@ def run_seed(settings: Settings, seed: int, workdir: Path, log) -> SeedResult:
 
 def summarize(s: Settings, agg: dict) -> str:
     """Paired differences (same seed, same initial new student)."""
-    from jdelta.experiments.runner import fmt_interval, paired_difference
+    from jdelta.experiments.runner import paired_table
 
-    lines = ["### Paired differences (per seed, then mean [95% t-interval])", "",
-             "| metric | delta_transfer − random | delta_own − random | delta_transfer − before |", "|---|---|---|---|"]
-    for metric in ("accuracy/all", "accuracy/trend", "accuracy/counting", "accuracy/argmax", "accuracy/argmin"):
-        cells = []
-        for a, b in (("delta_transfer", "random"), ("delta_own", "random"), ("delta_transfer", "before")):
-            try:
-                m, lo, hi, _ = paired_difference(agg, metric, a, b)
-                cells.append(fmt_interval(m, lo, hi))
-            except (KeyError, ValueError):
-                cells.append("n/a")
-        lines.append(f"| {metric} | {' | '.join(cells)} |")
-    return "\n".join(lines)
+    return paired_table(agg, (("delta_transfer", "random"), ("delta_own", "random"), ("delta_transfer", "before")))
 
 
 __all__ = ["CONDITIONS", "SMOKE", "Settings", "describe", "run_seed", "summarize"]

@@ -129,22 +129,10 @@ def run_seed(s: Settings, seed: int, workdir: Path, log) -> C.SeedResult:
 
 def summarize(s: Settings, agg: dict) -> str:
     """Paired differences against plain OPD and full ViCuR against its ablations."""
-    from jdelta.experiments.runner import fmt_interval, paired_difference
+    from jdelta.experiments.runner import paired_table
 
-    pairs = (("full", "opd"), ("full", "hint_only"), ("full", "module_only"), ("full", "answer_self"),
-             ("full", "before"))
-    lines = ["### Paired differences (per seed, then mean [95% t-interval])", "",
-             "| metric | " + " | ".join(f"{a} − {b}" for a, b in pairs) + " |", "|---" * (len(pairs) + 1) + "|"]
-    for metric in ("accuracy/all", "accuracy/trend", "accuracy/counting", "accuracy/argmax", "accuracy/argmin"):
-        cells = []
-        for a, b in pairs:
-            try:
-                m, lo, hi, _ = paired_difference(agg, metric, a, b)
-                cells.append(fmt_interval(m, lo, hi))
-            except (KeyError, ValueError):
-                cells.append("n/a")
-        lines.append(f"| {metric} | {' | '.join(cells)} |")
-    return "\n".join(lines)
+    return paired_table(agg, (("full", "opd"), ("full", "hint_only"), ("full", "module_only"), ("full", "answer_self"),
+                              ("full", "before")))
 
 
 __all__ = ["CONDITIONS", "RUNS", "SMOKE", "Settings", "describe", "hinted", "run_seed", "summarize"]

@@ -197,3 +197,16 @@ def test_va_opd_smoke(tmp_path, capsys):
     # OPD reaches its own final fine accuracy by its last step at the latest
     assert all(v <= 2 for v in m["opd"]["steps_to_opd_final"]["values"])
     assert (tmp_path / "va_opd" / "reliance_fine.png").is_file()
+
+
+def test_paired_table_rows_columns_and_missing_cells():
+    from jdelta.experiments.runner import paired_table
+
+    agg = {"metrics": {"a": {"accuracy/all": {"values": [3.0, 5.0]}}, "b": {"accuracy/all": {"values": [1.0, 1.0]}}}}
+    md = paired_table(agg, (("a", "b"), ("b", "a")), ("accuracy/all", "accuracy/trend"), title="T")
+    lines = md.splitlines()
+    assert lines[0] == "### T (per seed, then mean [95% t-interval])"
+    assert lines[2] == "| metric | a − b | b − a |" and lines[3] == "|---|---|---|"
+    # per-seed differences a - b = (2, 4): mean 3, t(0.975, 1) = 12.706, se = 1
+    assert lines[4] == "| accuracy/all | 3.00 [-9.71, 15.7] | -3.00 [-15.7, 9.71] |"
+    assert lines[5] == "| accuracy/trend | n/a | n/a |"
