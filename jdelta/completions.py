@@ -13,7 +13,8 @@ decoded text.
 * :func:`make_sampler` / :func:`sampling_params` build the sampler and its parameters for a
   pipeline config and a :class:`~jdelta.config.SamplingConfig`;
 * :class:`ContinuousSampler` samples all the batches through one continuous-batching
-  :class:`~jdelta.rollout_engine.RolloutEngine` call, each row keeping the static sampler's key.
+  :class:`~jdelta.rollout_engine.RolloutEngine` call, each row keeping the static sampler's key;
+  :func:`split_prompts` cuts a batch into the engine's per-prompt inputs (images included).
 """
 
 from __future__ import annotations
@@ -121,12 +122,34 @@ def sample_texts(sampler, tokenizer, batch: Mapping[str, np.ndarray], params, rn
     return by_prompt, finish
 
 
+def split_prompts(config, inputs: Mapping[str, np.ndarray], ids: Sequence[str] | None = None) -> list[dict]:
+    """A left-padded prompt batch (``input_ids, attention_mask [b, S]``, optional ``pixel_values``,
+    ``image_grid_thw`` as collated) -> one prompt per row (``input_ids [s_i]`` without padding, and
+    its own images: :func:`jdelta.models.family.split_images`), as the rollout engine takes them.
+    ``ids``: the rows' record ids, named when the images do not match up."""
+    from jdelta.models.family import split_images
+
+    tokens, mask = np.asarray(inputs["input_ids"]), np.asarray(inputs["attention_mask"])
+    prompts = [{"input_ids": tokens[i][mask[i] > 0]} for i in range(tokens.shape[0])]
+    if inputs.get("pixel_values") is not None:
+        try:
+            images = split_images(config, tokens, mask, inputs["pixel_values"], inputs["image_grid_thw"])
+        except ValueError as e:
+            where = f"records {', '.join(map(repr, ids))}" if ids else "a prompt batch"
+            raise ValueError(f"{where}: cannot give each prompt its images: {e}") from e
+        for p, im in zip(prompts, images, strict=True):
+            if im is not None:
+                p.update(im)
+    return prompts
+
+
 class ContinuousSampler:
     """The pipeline's batches through one :class:`~jdelta.rollout_engine.RolloutEngine` call, with
     the static sampler's results: row ``r`` of batch ``step`` draws its token ``t`` from
     ``fold_in(fold_in(batch_key(step), r), t)`` as ``Sampler.generate(batch, rng=batch_key(step))``.
 
-    ``slots``: decode rows kept busy. Text prompts, one device, one process (refused otherwise).
+    ``slots``: decode rows kept busy. Images go with their prompts (:func:`split_prompts`). One
+    device, one process (refused otherwise).
     """
 
     def __init__(self, model, pipeline: PipelineConfig, *, pad_id: int, slots: int, mesh=None):
@@ -152,11 +175,7 @@ class ContinuousSampler:
         batches = list(batches)
         prompts, keys = [], []
         for step, batch in enumerate(batches):
-            if batch.inputs.get("pixel_values") is not None:
-                raise ValueError(f"engine=continuous takes text prompts only; record {batch.records[0].id!r} "
-                                 "(or another of its batch) has images: use engine=static")
-            ids, mask = np.asarray(batch.inputs["input_ids"]), np.asarray(batch.inputs["attention_mask"])
-            prompts += [{"input_ids": ids[i][mask[i] > 0]} for i in range(len(batch.indices))]
+            prompts += split_prompts(self.model.config, batch.inputs, [r.id for r in batch.records])
             k = batch_key(step)
             keys.append(jax.vmap(lambda r, k=k: jax.random.fold_in(k, r))(
                 jnp.arange(len(batch.indices) * params.n, dtype=jnp.uint32)))
@@ -200,4 +219,5 @@ __all__ = [
     "prompt_batches",
     "sample_texts",
     "sampling_params",
+    "split_prompts",
 ]

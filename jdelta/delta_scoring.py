@@ -290,6 +290,8 @@ def score_prompts(
     seed: int | None = None,
     session=None,
     progress: bool = False,
+    engine: str = "static",
+    engine_slots: int | None = None,
 ) -> list[dict]:
     """Score in-memory prompt records with two models (one dict per record, in order).
 
@@ -303,6 +305,7 @@ def score_prompts(
       seed: overrides ``sampling.seed``.
       session: a :class:`~jdelta.models.loading.ModelSession` (its mesh places the models; its
         samplers are reused across calls); None: a fresh one on one device.
+      engine, engine_slots: static batches or continuous batching (:class:`Scorer`; the same entries).
 
     Returns:
       entries with ``status == "scored"`` (classes, Δ per metric, p-value, posterior, zero-delta
@@ -321,7 +324,8 @@ def score_prompts(
         teacher = session.model(teacher, role="teacher")
     if not hasattr(student, "config"):
         student = session.model(student, role="student")
-    scorer = Scorer(teacher, student, tokenizer, sampling=sampling, prompt=prompt, tests=tests, session=session)
+    scorer = Scorer(teacher, student, tokenizer, sampling=sampling, prompt=prompt, tests=tests, session=session,
+                    engine=engine, engine_slots=engine_slots)
     bar = completions.progress_bar(len(records), "score", progress)
     try:
         return scorer.score(records, jax.random.key(sampling.seed if seed is None else int(seed)), progress=bar)

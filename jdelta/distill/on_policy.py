@@ -4,7 +4,8 @@ One step (:meth:`OnPolicyDistiller.produce` builds the batch, the jitted train s
 consumes it):
 
 1. **Rollout** (timed ``rollout``): the student samples ``rollouts_per_prompt`` completions
-   per prompt with :class:`jdelta.sampling.Sampler`. The sampler wraps one persistent
+   per prompt with :class:`jdelta.sampling.Sampler` (or, ``engine=continuous``, the rollout
+   engine's continuous batching: the same rollouts). The sampler wraps one persistent
    student module whose parameters are *re-pointed* at the train state's arrays before
    each rollout (``nnx.update``): no copy, no weight sync, no recompilation.
    GKD's λ: with probability ``1 - gkd_lambda`` a step trains on off-policy completions
@@ -111,6 +112,11 @@ class DistillConfig:
       to a multiple of this; prompt_bucket: prompts are left-padded to a multiple of this
       (both bound recompilation of the teacher pass and the train step).
     seed: the sampler's and λ coin's base seed (each step folds in the step number).
+    engine: how rollouts are sampled: ``static`` (one :class:`~jdelta.sampling.Sampler` batch per
+      step) or ``continuous`` (continuous batching, :class:`~jdelta.rollout_engine.RolloutEngine`:
+      ``engine_slots`` decode rows kept busy, default the step's prompts x ``rollouts_per_prompt``).
+      Row ``r`` draws with ``fold_in(step key, r)`` either way, so the rollouts are the same; one
+      device, one process (refused otherwise).
     """
 
     mode: Mode = "reverse_kl"
@@ -141,6 +147,8 @@ class DistillConfig:
     prompt_bucket: int = 32
     vocab_size: int | None = None
     seed: int = 0
+    engine: Literal["static", "continuous"] = "static"
+    engine_slots: int | None = None
 
     def __post_init__(self):
         if self.stop_token_ids is not None:
@@ -174,6 +182,10 @@ class DistillConfig:
         check(self.vicur_k1_clamp is None or self.vicur_k1_clamp > 0, "vicur_k1_clamp",
               f"must be > 0 (or null: off), got {self.vicur_k1_clamp}")
         check(self.vocab_size is None or self.vocab_size >= 1, "vocab_size", f"must be >= 1, got {self.vocab_size}")
+        check(self.engine in ("static", "continuous"), "engine",
+              f"must be 'static' or 'continuous', got {self.engine!r}")
+        check(self.engine_slots is None or self.engine_slots >= self.rollouts_per_prompt, "engine_slots",
+              f"must be >= rollouts_per_prompt ({self.rollouts_per_prompt}), got {self.engine_slots}")
 
     @property
     def teacher_prompt(self) -> str | None:
@@ -336,7 +348,14 @@ class OnPolicyDistiller:
         cfg = cfg.resolved()
         if cfg.vocab_size is not None and cfg.vocab_size > self.vocab_size:
             raise ValueError(f"distill.vocab_size={cfg.vocab_size} exceeds the LM head's {self.vocab_size} columns")
+        if cfg.engine == "continuous":
+            from jdelta.distributed import is_multiprocess
+
+            if mesh is not None or is_multiprocess():
+                raise ValueError("distill.engine=continuous runs on one device in one process; use "
+                                 "distill.engine=static with a mesh or several processes")
         self.cfg, self.prompts, self.mesh, self.rules = cfg, prompts, mesh, rules
+        self._engines: dict[tuple[int, int], Any] = {}  # (model id, prompt length) -> RolloutEngine
         self.student = student_template
         self.teacher = teacher
         self.sampler = Sampler(self.student, mesh=mesh, rules=rules, pad_id=cfg.pad_id)
@@ -385,10 +404,32 @@ class OnPolicyDistiller:
             sampler = self._teacher_sampler
         else:
             self.bind(state)
-        res = sampler.generate({k: prompts[k] for k in ("input_ids", "attention_mask", "pixel_values",
-                                                        "image_grid_thw") if prompts.get(k) is not None},
-                               params, rng=rng)
+        inputs = {k: prompts[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
+                  if prompts.get(k) is not None}
+        if cfg.engine == "continuous":
+            res = self._engine_generate(sampler, inputs, params, rng)
+        else:
+            res = sampler.generate(inputs, params, rng=rng)
         return res.tokens, res.lengths
+
+    def _engine_generate(self, sampler: Sampler, inputs: Mapping[str, Any], params: SamplingParams, rng):
+        """``sampler``'s rollouts through continuous batching: the prompts (each with its own
+        images) into a :class:`~jdelta.rollout_engine.RolloutEngine` kept per model and prompt
+        length; row ``r`` draws with ``fold_in(rng, r)`` as in ``sampler.generate``."""
+        from jdelta.buckets import bucket
+        from jdelta.completions import split_prompts
+        from jdelta.rollout_engine import RolloutEngine
+
+        model = sampler.model
+        prompts = split_prompts(model.config, inputs)
+        prompt_len = bucket(max(p["input_ids"].size for p in prompts), sampler.seq_buckets)
+        key = (id(model), prompt_len)
+        if key not in self._engines:
+            self._engines[key] = RolloutEngine(
+                model, slots=self.cfg.engine_slots or len(prompts) * params.n, prompt_len=prompt_len,
+                pad_id=self.cfg.pad_id, patch_buckets=sampler.patch_buckets, image_buckets=sampler.image_buckets,
+                rope_index_fn=sampler.rope_index_fn, decode_options=sampler.decode_options)
+        return self._engines[key].generate(prompts, params, rng=rng)
 
     def build_batch(self, prompts: Mapping[str, Any], completion: np.ndarray, lengths: np.ndarray,
                     ) -> dict[str, np.ndarray]:

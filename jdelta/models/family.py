@@ -37,6 +37,10 @@ outside a family's package (sampler, scoring, losses, distillation, stages) may 
   whose row ``i`` has ``prod = `` the pixel rows of image ``i`` (Qwen3-VL: ``(t, h, w)``; Gemma 3:
   ``(1, 1, 1)``, one row per image or pan-and-scan crop); ``(0, 0, 0)`` rows and pixel rows past
   the images are padding. So padding, per-sample stacking and flattening are family-free.
+* **Image tokens** -- ``family.image_tokens(config, image_grid_thw [N, 3]) -> [N]``: the image
+  placeholder tokens (``config.image_token_id``) each grid row puts in a prompt (Qwen3-VL:
+  ``t*h*w / merge**2``; Gemma 3: ``mm_tokens_per_image``). With it, :func:`split_images` cuts a
+  batch's pixel and grid rows back into per-prompt pieces, family-free.
 * **Prompt pipeline** -- ``family.prompt_format(tokenizer, pipeline_config)`` (a
   :class:`PromptFormat`): the pipeline's per-record image processing, prompt tokens and pixel
   collation; :func:`prompt_special_tokens` gives the tokenizer's ``pad``, ``stop_ids``, ``image``
@@ -60,6 +64,7 @@ from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class FamilyModel(Protocol):
@@ -104,6 +109,7 @@ class ModelFamily:
     prompt_format_ref: str | None = None
     special_tokens_ref: str | None = None
     describe_ref: str | None = None
+    image_tokens_ref: str | None = None
     bundled_prefix: str = ""  # bundled config names: ``<prefix><size>`` (jdelta/configs/models)
 
     @property
@@ -153,6 +159,11 @@ class ModelFamily:
         return _resolve(self.prompt_format_ref)
 
     @property
+    def image_tokens(self):
+        """``(config, image_grid_thw [N, 3]) -> [N]``: image placeholder tokens per grid row."""
+        return _resolve(self.image_tokens_ref)
+
+    @property
     def special_tokens(self):
         """The class whose ``from_tokenizer(tok)`` gives ``pad``, ``stop_ids``, ``image``, ``sink``."""
         return _resolve(self.special_tokens_ref)
@@ -174,6 +185,7 @@ FAMILIES: dict[str, ModelFamily] = {
         prompt_format_ref="jdelta.data.prompt_format:QwenPromptFormat",
         special_tokens_ref="jdelta.data.tokenizer:SpecialTokens",
         describe_ref="jdelta.models.qwen3_vl.info:describe",
+        image_tokens_ref="jdelta.models.qwen3_vl.positions:image_token_counts",
         bundled_prefix="qwen3-vl-",
     ),
     "gemma3": ModelFamily(
@@ -191,6 +203,7 @@ FAMILIES: dict[str, ModelFamily] = {
         prompt_format_ref="jdelta.models.gemma3.prompt_format:Gemma3PromptFormat",
         special_tokens_ref="jdelta.models.gemma3.chat:Gemma3SpecialTokens",
         describe_ref="jdelta.models.gemma3.info:describe",
+        image_tokens_ref="jdelta.models.gemma3.chat:image_token_counts",
         bundled_prefix="gemma3-",
     ),
 }
@@ -326,3 +339,42 @@ VISION_ID_NAMES = ("image_token_id", "video_token_id", "vision_start_token_id", 
 def vision_special_ids(config: Any) -> tuple[int, ...]:
     """Ids that mark images in a prompt (placeholders, begin/end of image) for any family's config."""
     return tuple(int(getattr(config, n)) for n in VISION_ID_NAMES if getattr(config, n, None) is not None)
+
+
+
+def split_images(config: Any, input_ids: Any, attention_mask: Any, pixel_values: Any,
+                 image_grid_thw: Any) -> list[dict[str, np.ndarray] | None]:
+    """A batch's images cut back into per-prompt pieces (any family, see *Pixel rows*).
+
+    ``input_ids, attention_mask [b, S]``; ``pixel_values [P, ...]`` and ``image_grid_thw [N, 3]``
+    as the prompt pipeline collates them (images in row order, padding rows past them). Row ``i``
+    gets ``{"pixel_values": [p_i, ...], "image_grid_thw": [n_i, 3]}`` (its images' rows, in order),
+    or None when it holds no image token. Raises ValueError when the rows' image tokens and the
+    grid rows do not match up.
+    """
+    ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
+    grids = np.asarray(image_grid_thw).reshape(-1, 3)
+    grids = grids[grids.prod(-1) > 0]
+    pixels = np.asarray(pixel_values)
+    per_image = np.asarray(family_of_config(config).image_tokens(config, grids), np.int64).reshape(-1)
+    rows = np.asarray(grids.prod(-1), np.int64)
+    if int(rows.sum()) > pixels.shape[0]:
+        raise ValueError(f"image_grid_thw needs {int(rows.sum())} pixel rows, pixel_values has {pixels.shape[0]}")
+    want = ((ids == int(config.image_token_id)) & (mask > 0)).sum(-1)
+    out: list[dict[str, np.ndarray] | None] = []
+    img = row = 0
+    for i, tokens in enumerate(want.tolist()):
+        first, got = img, 0
+        while got < tokens and img < len(grids):
+            got += int(per_image[img])
+            img += 1
+        if got != tokens:
+            raise ValueError(f"prompt row {i} holds {tokens} image tokens but the batch's next images "
+                             f"(grid rows {first}..{img - 1}) give {got}")
+        n = int(rows[first:img].sum())
+        out.append({"pixel_values": pixels[row:row + n], "image_grid_thw": grids[first:img].astype(np.int32)}
+                   if img > first else None)
+        row += n
+    if img != len(grids):
+        raise ValueError(f"the batch has {len(grids)} images but its prompts' image tokens account for {img}")
+    return out

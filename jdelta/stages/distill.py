@@ -17,7 +17,9 @@ The run directory holds ``manifest.json`` (config, input fingerprints), ``metric
 ``tensorboard/`` and ``checkpoints/``. A rerun resumes from the latest checkpoint (model,
 optimiser, step, RNG, data position: exact for every data source); a rerun with other settings
 is refused naming the keys that differ, except ``train.steps`` (extend a run), logging,
-checkpoint and export settings, the mesh and ``progress``. SIGTERM saves a checkpoint and exits 0.
+checkpoint and export settings, the mesh, ``progress`` and the rollout engine (``distill.engine``:
+``static`` or ``continuous`` batching, ``distill.engine_slots``: the same rollouts either way).
+SIGTERM saves a checkpoint and exits 0.
 """
 
 from __future__ import annotations
@@ -123,7 +125,7 @@ class Config:
 
 
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.max_nan_steps", "checkpoint", "export", "mesh",
-                     "progress", "overwrite", "run_dir")
+                     "progress", "overwrite", "run_dir", "distill.engine", "distill.engine_slots")
 """Config keys a rerun may change and still resume the run (they do not change what a step computes)."""
 
 

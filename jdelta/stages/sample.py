@@ -21,7 +21,7 @@ naming what differs (``--overwrite`` discards the old run).
 ``--engine continuous`` samples every prompt through one :class:`jdelta.rollout_engine.RolloutEngine`
 (``--engine-slots`` decode rows kept busy, default ``batch_size * n``) instead of one static batch
 at a time; each row keeps the key the static sampler gives it, so the file is the same (log-probs
-to float rounding). It takes text prompts on one device in one process.
+to float rounding). It runs on one device in one process (images included).
 """
 
 from __future__ import annotations

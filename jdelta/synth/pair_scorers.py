@@ -1,6 +1,7 @@
 """Scorers for the pipeline: one interface, ``score(records, seed) -> list[entry]``.
 
-* :class:`ModelPairScorer`: the real thing, :func:`jdelta.delta_scoring.score_prompts` with a teacher and
+* :class:`ModelPairScorer`: the real thing, :func:`jdelta.delta_scoring.score_prompts` (one
+  :class:`~jdelta.delta_scoring.Scorer`, static or continuous batching) with a teacher and
   a student (n sampled answers each, Δ per prompt); its :class:`TeacherWriter` (the teacher as
   writer of new questions) samples from the same loaded teacher. Nothing else in
   :mod:`jdelta.synth` touches models or the score library.
@@ -127,6 +128,7 @@ class ModelPairScorer:
             check_same_tokenizer(self.tokenizer, load_tokenizer(student_dir), ("teacher", "student"))
         self.special = prompt_special_tokens(self.tokenizer)
         self.session = ModelSession(cfg.mesh.make())
+        self._scorer = None  # built on first use
         self.teacher = self.session.model(cfg.teacher, role="scorer.teacher")
         self.student = self.session.model(cfg.student, role="scorer.student")
         self.identity = {
@@ -138,13 +140,19 @@ class ModelPairScorer:
         }
 
     def score(self, records: Sequence[PromptRecord], seed: int) -> list[dict]:
-        from jdelta.delta_scoring import score_prompts
+        """:func:`jdelta.delta_scoring.score_prompts` of ``records`` with ``seed``, through one
+        :class:`~jdelta.delta_scoring.Scorer` kept across units (``scorer.engine``'s engines too)."""
+        import jax
+
+        from jdelta.delta_scoring import Scorer
 
         if not records:
             return []
-        return score_prompts(self.teacher, self.student, list(records), tokenizer=self.tokenizer,
-                             sampling=self.cfg.sampling, prompt=self.cfg.prompt, tests=self.cfg.delta,
-                             seed=int(seed), session=self.session)
+        if self._scorer is None:
+            self._scorer = Scorer(self.teacher, self.student, self.tokenizer, sampling=self.cfg.sampling,
+                                  prompt=self.cfg.prompt, tests=self.cfg.delta, session=self.session,
+                                  engine=self.cfg.engine, engine_slots=self.cfg.engine_slots)
+        return self._scorer.score(list(records), jax.random.key(int(seed)))
 
     def teacher_writer(self, cfg: WriterConfig) -> TeacherWriter:
         """The teacher as writer (sampling settings from ``cfg``, one generation per seed)."""

@@ -84,7 +84,8 @@ class ScorerConfig:
     and ``mesh`` as in ``jdelta score``) or ``oracle`` (a toy
     pair whose student fails ``failing_families`` with probability ``fail_rate``; each model errs
     at its ``*_noise`` rate elsewhere; tests and benchmarks). ``sampling.n`` answers per model per
-    prompt for both kinds.
+    prompt for both kinds. ``engine`` / ``engine_slots`` (``kind=models``): static batches or
+    continuous batching, as in ``jdelta score`` (the same answers; not part of the run's identity).
     """
 
     kind: Literal["oracle", "models"] = "oracle"
@@ -99,8 +100,14 @@ class ScorerConfig:
     tokenizer: str | None = None
     prompt: PromptConfig = dataclasses.field(default_factory=PromptConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    engine: Literal["static", "continuous"] = "static"
+    engine_slots: int | None = None
 
     def __post_init__(self):
+        check(self.engine_slots is None or self.engine_slots >= self.sampling.n, "engine_slots",
+              f"must be >= sampling.n ({self.sampling.n}), got {self.engine_slots}")
+        check(self.engine == "static" or self.mesh.is_single_device, "engine",
+              "continuous runs on one device in one process; use engine=static with a mesh")
         for name in ("fail_rate", "teacher_noise", "student_noise"):
             _unit_interval(getattr(self, name), name)
         if self.kind == "models":

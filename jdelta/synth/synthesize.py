@@ -90,7 +90,7 @@ class SynthesisRun:
     STAGE = "synthesize"
     CONFIG: type[SynthesisRunConfig] = SynthesisRunConfig
     # Config keys that may change between runs of one directory without changing any result.
-    IGNORED_KEYS = ("scorer.mesh",)
+    IGNORED_KEYS = ("scorer.mesh", "scorer.engine", "scorer.engine_slots")
 
     def __init__(
         self,

@@ -153,3 +153,9 @@ def build_prompt(tokenizer, question: str, crops: Sequence[int], *, system: str 
         raise ValueError(f"prompt tokenised to {int(mm.sum())} image tokens, expected {want} (is "
                          f"{IMAGE} a single token of this tokenizer?)")
     return PromptTokens(input_ids=ids, mm_token_type_ids=mm)
+
+
+def image_token_counts(config, image_grid_thw) -> np.ndarray:
+    """Soft tokens of each image (or pan-and-scan crop) in a prompt: ``mm_tokens_per_image`` per grid row ``[N]``."""
+    n = np.asarray(image_grid_thw).reshape(-1, 3).shape[0]
+    return np.full(n, int(config.mm_tokens_per_image), np.int64)

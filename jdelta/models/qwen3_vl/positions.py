@@ -76,3 +76,9 @@ def get_rope_index(input_ids, image_grid_thw, attention_mask, config: Qwen3VLCon
     if next_image != len(grids):
         raise ValueError(f"image_grid_thw has {len(grids)} images but input_ids hold image tokens for {next_image}")
     return positions.astype(np.int32), deltas.astype(np.int32)
+
+
+def image_token_counts(config: Qwen3VLConfig, image_grid_thw) -> np.ndarray:
+    """``<|image_pad|>`` tokens of each image in a prompt: ``t*h*w / merge**2`` per grid row ``[N]``."""
+    grids = np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
+    return grids.prod(-1) // int(config.vision.spatial_merge_size) ** 2
