@@ -141,7 +141,7 @@ def seed_records(pair: Pair, n: int, seed: int, split: str = "seeds") -> list:
     return world_records(pair.world, split, n, start=seed * n)
 
 
-def encode(pair: Pair, records: Sequence, *, length: int = 64):
+def encode(pair: Pair, records: Sequence, *, length: int = 96):
     """Records -> :class:`jdelta.toy.train.Encoded` rows (answer-terminated, with pixelated views)."""
     from jdelta.toy.train import encode_records
 
@@ -156,7 +156,9 @@ def subset(enc, rows: Sequence[int]):
     idx = np.asarray(rows, np.int64)
     return Encoded(enc.input_ids[idx], enc.attention_mask[idx], enc.target_mask[idx], enc.patches[idx],
                    None if enc.pixelated is None else enc.pixelated[idx], enc.grid,
-                   [enc.families[i] for i in idx], [enc.answers[i] for i in idx])
+                   [enc.families[i] for i in idx], [enc.answers[i] for i in idx],
+                   None if enc.completions is None else [enc.completions[i] for i in idx],
+                   None if enc.hinted is None else enc.hinted[idx], enc.tokenizer)
 
 
 def prompt_batch(enc, rows: Sequence[int], pad_id: int) -> dict[str, np.ndarray]:
@@ -204,7 +206,7 @@ def visual_reliance(model, enc, families: Sequence[str]) -> dict[str, float]:
     return mean_by_family(lp - lp_pix, enc.families, families)
 
 
-def score_delta(pair: Pair, records: Sequence, *, n: int, seed: int, max_new_tokens: int = 8,
+def score_delta(pair: Pair, records: Sequence, *, n: int, seed: int, max_new_tokens: int = 16,
                 num_permutations: int = 199, batch_size: int = 16) -> list[dict]:
     """Δ per prompt for the pair (``n`` answers per model at temperature 1; the zero-Δ flags of
     :mod:`jdelta.delta_scoring`, permutation test at 5%); entries in record order."""
@@ -265,7 +267,7 @@ class DistillSettings:
     warmup_fraction: float = 0.05
     temperature: float = 0.7
     top_p: float = 0.95
-    max_new_tokens: int = 8
+    max_new_tokens: int = 16
     va_lambda: float = 0.5
     va_tau: float = 1.0
     va_high_fraction: float = 0.2

@@ -165,7 +165,7 @@ def run_seed(s: Settings, seed: int, workdir: Path, log) -> C.SeedResult:
     enc = {k: C.encode(pair, recs) for k, (recs, _) in pools.items() if recs}
     dist = C.distiller(pair, C.DistillSettings(mode="reverse_kl", steps=s.steps, batch=s.batch, rollouts=s.rollouts,
                                                learning_rate=s.learning_rate, temperature=s.temperature,
-                                               top_p=s.top_p, max_new_tokens=8))
+                                               top_p=s.top_p, max_new_tokens=16))
     metrics = {"before": C.family_metrics("accuracy", {k: 100 * v for k, v in
                                                        C.accuracy(pair.student, heldout, fams).items()})}
     curves: C.Curves = {}

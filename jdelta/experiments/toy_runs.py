@@ -161,7 +161,7 @@ def opd_run(pair: Pair, records: Sequence[PromptRecord], rs: RunSettings, *, see
             with_cue_recovery(student, CueRecoveryConfig(), sink_token_id=sp.im_start)
     teacher = teacher if teacher is not None else pair.teacher
     dcfg = DistillConfig(mode=mode, rollouts_per_prompt=rs.rollouts, temperature=rs.temperature, top_p=1.0,
-                         max_new_tokens=8, chunk_size=16, completion_bucket=8, prompt_bucket=64, seed=0,
+                         max_new_tokens=16, chunk_size=16, completion_bucket=16, prompt_bucket=64, seed=0,
                          privileged=privileged, cue_recovery=cue_recovery)
     dcfg = dcfg.resolved(tuple(sp.stop_ids), int(sp.pad), len(pair.tokenizer))
     batches = prompt_batches(pair, records, rs.batch, seed=seed, with_pixelated=mode == "va_opd",
@@ -192,7 +192,7 @@ def teacher_samples(pair: Pair, records: Sequence[PromptRecord], *, n: int, seed
     padded = list(records) + [records[0]] * (-len(records) % batch)
     it = make_prompt_batches(padded, tokenizer=pair.tokenizer, seed=seed, shuffle=False, config=cfg)
     sampler = _cached(("sampler", id(teacher)), lambda: Sampler(teacher, pad_id=int(sp.pad)))
-    params = SamplingParams(temperature=temperature, top_p=1.0, top_k=0, max_new_tokens=8,
+    params = SamplingParams(temperature=temperature, top_p=1.0, top_k=0, max_new_tokens=16,
                             stop_token_ids=tuple(sp.stop_ids), n=n)
     out: list[tuple[int, tuple[int, ...]]] = []
     for b_i, b in enumerate(it):
@@ -220,7 +220,7 @@ def sft_run(pair: Pair, records: Sequence[PromptRecord], samples: Sequence[tuple
     joined = [records[r.record_index] for r in rows]  # one prompt record per sample row
     parent = make_prompt_batches(joined, tokenizer=pair.tokenizer, seed=seed, config=pipeline_config(pair, rs.batch))
     batches = SampleSFTIterator(parent, rows, SkipReport(), int(sp.pad))
-    scfg = SFTConfig(chunk_size=16, completion_bucket=8, prompt_bucket=64, pad_id=int(sp.pad))
+    scfg = SFTConfig(chunk_size=16, completion_bucket=16, prompt_bucket=64, pad_id=int(sp.pad))
     student = copy_model(student if student is not None else pair.student)
     state = TrainState.create(student, _optimizer(rs), seed=seed)
     producer = SFTProducer(state.model(), batches, scfg)

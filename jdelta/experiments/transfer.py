@@ -131,7 +131,7 @@ def score_with(pair, student, records, *, n: int, seed: int) -> list[dict]:
 
     px = pair.world.pixels
     return score_prompts(pair.teacher, student, list(records), tokenizer=pair.tokenizer,
-                         sampling=SamplingConfig(n=n, temperature=1.0, max_new_tokens=8, batch_size=16, seed=seed),
+                         sampling=SamplingConfig(n=n, temperature=1.0, max_new_tokens=16, batch_size=16, seed=seed),
                          prompt=PromptConfig(min_pixels=px, max_pixels=px),
                          tests=DeltaTestConfig(num_permutations=199, num_posterior_draws=200), session=pair.session)
 

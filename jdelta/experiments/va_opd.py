@@ -51,7 +51,7 @@ class Settings:
     learning_rate: float = 1e-3
     temperature: float = 0.7
     top_p: float = 0.95
-    max_new_tokens: int = 8
+    max_new_tokens: int = 16
     va_lambda: float = 0.5
     va_tau: float = 1.0
     va_high_fraction: float = 0.2

@@ -50,7 +50,7 @@ class Settings:
     learning_rate: float = 1e-3
     temperature: float = 0.7
     top_p: float = 0.95
-    max_new_tokens: int = 8
+    max_new_tokens: int = 16
     eval_every: int = 25
     pair: str | None = None
 

@@ -53,7 +53,7 @@ class Config:
     heldout_per_family: int = 50
     seed: int = 0
     n: int = 8
-    max_new_tokens: int = 8
+    max_new_tokens: int = 16
     shard_size: int = 32
     batch_size: int = 16
     distill_steps: int = 16
@@ -112,7 +112,7 @@ def distill_config(cfg: Config, arm: str, prompts: Path, teacher: Path, student:
         "optimizer": {"learning_rate": cfg.learning_rate, "weight_decay": 0.0, "warmup_fraction": 0.1},
         "checkpoint": {"save_every": steps, "keep": 1, "async_save": False},
         "distill": {"mode": cfg.distill_mode, "rollouts_per_prompt": 4, "temperature": 1.0, "top_p": 1.0,
-                    "max_new_tokens": cfg.max_new_tokens, "chunk_size": 16, "completion_bucket": 8,
+                    "max_new_tokens": cfg.max_new_tokens, "chunk_size": 16, "completion_bucket": 16,
                     "prompt_bucket": 64, "seed": cfg.seed},
         "export": {"path": str(root / "models" / f"student-{arm}")},
         "progress": cfg.progress,
@@ -254,7 +254,7 @@ def run_demo(cfg: Config) -> dict[str, Any]:
         run.commit()
         heldout_records = world_records(world, "heldout", cfg.heldout_per_family * len(world.families))
         tok = load_tokenizer(teacher)
-        heldout = encode_records(heldout_records, tok, width=world.width, height=world.height, length=64)
+        heldout = encode_records(heldout_records, tok, width=world.width, height=world.height, length=96)
         acc = {"teacher": heldout_accuracy(teacher, heldout, world), "student": heldout_accuracy(student, heldout, world)}
         seconds["accuracy"] = time.perf_counter() - t0
         session = ModelSession()

@@ -44,7 +44,12 @@ class PairConfig:
 
     seed: training seed (initialisation and batch order; the student uses ``seed + 1``; the
     ``seed`` of ``teacher_train`` / ``student_train`` must be left unset); the world's data comes
-    from ``world.seed``. row_length: tokens per training row (prompt + answer).
+    from ``world.seed``. row_length: tokens per training row (prompt + completion).
+    teacher_hint_fraction: share of the teacher's training rows whose question carries the
+    record's ViCuR hint (``[Hint]: ...``), so that the teacher can use one (ViCuR's privileged
+    teacher); the student never sees hints. student_families: the families the student is
+    trained on (None: all of the world's); a family left out is a skill the student lacks and
+    can learn from the teacher.
     """
 
     world: WorldConfig = field(default_factory=WorldConfig)
@@ -57,8 +62,10 @@ class PairConfig:
     train_records: int = 6000
     heldout_per_family: int = 200
     vocab_size: int = 512
-    row_length: int = 48
+    row_length: int = 80
     seed: int = 0
+    teacher_hint_fraction: float = 0.0
+    student_families: tuple[str, ...] | None = None
 
     def __post_init__(self):
         check(self.train_records >= len(self.world.families), "train_records",
@@ -69,13 +76,32 @@ class PairConfig:
         for name in ("teacher_train", "student_train"):
             check(getattr(self, name).seed == 0, name, "seed is set by pair.seed (the student gets seed + 1); "
                   "leave it out")
+        check(0.0 <= self.teacher_hint_fraction <= 1.0, "teacher_hint_fraction",
+              f"must be in [0, 1], got {self.teacher_hint_fraction}")
+        if self.student_families is not None:
+            unknown = [f for f in self.student_families if f not in self.world.names]
+            check(not unknown and len(self.student_families) >= 1, "student_families",
+                  f"must name at least one of the world's families {list(self.world.names)}, got "
+                  f"{list(self.student_families)}")
 
 
-def encode_split(cfg: PairConfig, tokenizer, split: str, n: int, *, with_pixelated: bool) -> Encoded:
-    """``n`` records of ``split`` as training/evaluation rows."""
+def hinted_rows(n: int, fraction: float, seed: int) -> np.ndarray:
+    """``[n]`` bool: which training rows carry the hint (a seeded draw, fixed per record)."""
+    if fraction <= 0:
+        return np.zeros(n, bool)
+    return np.random.default_rng([seed, 7]).random(n) < fraction
+
+
+def encode_split(cfg: PairConfig, tokenizer, split: str, n: int, *, with_pixelated: bool,
+                 hinted: np.ndarray | bool = False, families: tuple[str, ...] | None = None) -> Encoded:
+    """``n`` records of ``split`` as training/evaluation rows (``families``: keep only those;
+    ``hinted``: per record of the split, before that filter)."""
     w = cfg.world
-    return encode_records(world_records(w, split, n), tokenizer, width=w.width, height=w.height,
-                          length=cfg.row_length, with_pixelated=with_pixelated)
+    records = world_records(w, split, n)
+    hint = np.broadcast_to(np.asarray(hinted, bool), (n,))
+    keep = [i for i, r in enumerate(records) if families is None or r.family in families]
+    return encode_records([records[i] for i in keep], tokenizer, width=w.width, height=w.height,
+                          length=cfg.row_length, with_pixelated=with_pixelated, hinted=hint[keep])
 
 
 def _write_model(model, config, tokenizer, path: Path, info: dict) -> None:
@@ -91,20 +117,26 @@ def _write_model(model, config, tokenizer, path: Path, info: dict) -> None:
     os.replace(tmp, path)
 
 
-def evaluate_pair(teacher, student, heldout: Encoded, world: WorldConfig) -> dict[str, Any]:
+def evaluate_pair(teacher, student, heldout: Encoded, world: WorldConfig,
+                  heldout_hint: Encoded | None = None) -> dict[str, Any]:
     """Greedy held-out accuracy per family (clean and pixelated images) for both models, plus the
-    teacher's visual advantage per family (mean drop of its answer-token log-prob when pixelated)."""
-    from jdelta.toy.evaluate import by_family, mean_by_family, score_rows
+    teacher's visual advantage per family (mean drop of its completion-token log-prob when
+    pixelated); with ``heldout_hint`` (the same rows with the hint), the accuracy given the hint."""
+    from jdelta.toy.evaluate import by_family, greedy_correct, mean_by_family, score_rows
 
     out: dict[str, Any] = {}
     for role, model in (("teacher", teacher), ("student", student)):
-        correct, logp = score_rows(model, heldout)
-        correct_pix, logp_pix = score_rows(model, heldout, pixelated=True)
+        _, logp = score_rows(model, heldout)
+        _, logp_pix = score_rows(model, heldout, pixelated=True)
+        correct = greedy_correct(model, heldout)
+        correct_pix = greedy_correct(model, heldout, pixelated=True)
         out[role] = {"accuracy": by_family(correct, heldout.families, world.names),
                      "pixelated_accuracy": by_family(correct_pix, heldout.families, world.names),
                      "answer_logprob": mean_by_family(logp, heldout.families, world.names),
                      "visual_advantage": mean_by_family(np.maximum(logp - logp_pix, 0.0), heldout.families,
                                                         world.names)}
+        if heldout_hint is not None:
+            out[role]["hint_accuracy"] = by_family(greedy_correct(model, heldout_hint), heldout.families, world.names)
     return out
 
 
@@ -130,16 +162,24 @@ def build_pair(cfg: PairConfig, out: str | os.PathLike, *, log: Callable[[str], 
     if commit is not None:
         commit()
     n_families = len(cfg.world.families)
-    train = encode_split(cfg, tokenizer, "train", cfg.train_records,
-                         with_pixelated=max(cfg.teacher_train.pixelated_fraction,
-                                            cfg.student_train.pixelated_fraction) > 0)
-    heldout = encode_split(cfg, tokenizer, "heldout", cfg.heldout_per_family * n_families, with_pixelated=True)
+    hint = hinted_rows(cfg.train_records, cfg.teacher_hint_fraction, cfg.seed)
+    data = {
+        "teacher": encode_split(cfg, tokenizer, "train", cfg.train_records, hinted=hint,
+                                with_pixelated=cfg.teacher_train.pixelated_fraction > 0),
+        "student": encode_split(cfg, tokenizer, "train", cfg.train_records, families=cfg.student_families,
+                                with_pixelated=cfg.student_train.pixelated_fraction > 0),
+    }
+    n_held = cfg.heldout_per_family * n_families
+    heldout = encode_split(cfg, tokenizer, "heldout", n_held, with_pixelated=True)
+    heldout_hint = encode_split(cfg, tokenizer, "heldout", n_held, with_pixelated=False, hinted=True)
     clock("data", t0, c0)
-    log(f"data: {len(train)} training rows, {len(heldout)} held-out rows ({timing['data']['wall_s']:.0f} s)")
+    log(f"data: {len(data['teacher'])} teacher rows ({int(hint.sum())} with hints), {len(data['student'])} student "
+        f"rows, {len(heldout)} held-out rows ({timing['data']['wall_s']:.0f} s)")
     weights = {f.family: f.weight for f in cfg.world.families}
     models, curves = {}, {}
     for role, size, settings, seed in (("teacher", cfg.teacher, cfg.teacher_train, cfg.seed),
                                        ("student", cfg.student, cfg.student_train, cfg.seed + 1)):
+        train = data[role]
         path = out / role
         mcfg = model_config(tokenizer, size)
         if (path / TOY_FILE).is_file():
@@ -160,14 +200,17 @@ def build_pair(cfg: PairConfig, out: str | os.PathLike, *, log: Callable[[str], 
         curve = [[i + every, float(losses[i: i + every].mean())] for i in range(0, settings.steps, every)]
         curves[role] = curve
         info = {"role": role, "world": to_dict(cfg.world), "size": to_dict(size), "train": to_dict(settings),
-                "train_records": cfg.train_records, "loss_curve": curve, "seconds": timing[role],
+                "train_records": cfg.train_records, "training_rows": len(train),
+                "families": sorted(set(train.families)),
+                "hint_fraction": cfg.teacher_hint_fraction if role == "teacher" else 0.0,
+                "loss_curve": curve, "seconds": timing[role],
                 "image": to_dict(image_config(cfg.world.width, cfg.world.height)),
                 "made_by": "jdelta toy-models (jdelta.toy.build.build_pair)"}
         _write_model(model, mcfg, tokenizer, path, info)
         models[role] = model
         log(f"{role}: trained in {timing[role]['wall_s']:.0f} s wall, {timing[role]['cpu_s']:.0f} s CPU -> {path}")
     t2, c2 = time.perf_counter(), time.process_time()
-    metrics = evaluate_pair(models["teacher"], models["student"], heldout, cfg.world)
+    metrics = evaluate_pair(models["teacher"], models["student"], heldout, cfg.world, heldout_hint)
     clock("evaluate", t2, c2)
     metrics.update(world=to_dict(cfg.world), config=to_dict(cfg), timing=timing, loss_curves=curves,
                    heldout_rows=len(heldout))
@@ -243,7 +286,7 @@ def report_markdown(metrics: dict[str, Any], world: WorldConfig) -> str:
 
 
 def evaluate_dirs(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike, *,
-                  heldout_per_family: int = 200, row_length: int = 64) -> tuple[dict[str, Any], WorldConfig]:
+                  heldout_per_family: int = 200, row_length: int = 96) -> tuple[dict[str, Any], WorldConfig]:
     """:func:`evaluate_pair` for two saved toy models (their world from ``toy.json``) on a freshly
     generated held-out set; returns ``(metrics, world)``."""
     from jdelta.config import build
@@ -253,8 +296,11 @@ def evaluate_dirs(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike
     info = json.loads((Path(teacher_dir) / TOY_FILE).read_text())
     world = build(WorldConfig, info["world"])
     tokenizer = load_tokenizer(teacher_dir)
-    heldout = encode_records(world_records(world, "heldout", heldout_per_family * len(world.families)), tokenizer,
-                             width=world.width, height=world.height, length=row_length, with_pixelated=True)
+    records = world_records(world, "heldout", heldout_per_family * len(world.families))
+    heldout = encode_records(records, tokenizer, width=world.width, height=world.height, length=row_length,
+                             with_pixelated=True)
+    heldout_hint = encode_records(records, tokenizer, width=world.width, height=world.height, length=row_length,
+                                  hinted=True)
     teacher, _ = load_hf_checkpoint(teacher_dir)
     student, _ = load_hf_checkpoint(student_dir)
-    return evaluate_pair(teacher, student, heldout, world), world
+    return evaluate_pair(teacher, student, heldout, world, heldout_hint), world

@@ -1,10 +1,11 @@
 """Training a toy Qwen3-VL from scratch on teacher-forced answer tokens (optax AdamW).
 
 Every record becomes one fixed-length row: the chat prompt exactly as the sampling pipeline
-builds it (:func:`jdelta.data.chat.build_prompt`, the image at its native size), then the answer
-tokens and ``<|im_end|>``, left-padded to the world's row length. The loss is the mean
-cross-entropy of the answer tokens and the closing ``<|im_end|>`` only (the prompt is not
-modelled). All images of a world have one size, so every batch has the same shapes and the step
+builds it (:func:`jdelta.data.chat.build_prompt`, the image at its native size; the question with
+ViCuR's ``[Hint]: ...`` block for the rows chosen to be hinted), then the reference completion's
+tokens (``meta["completion"]``, else the answer) and ``<|im_end|>``, left-padded to the world's
+row length. The loss is the mean cross-entropy of the completion tokens and the closing
+``<|im_end|>`` only (the prompt is not modelled). All images of a world have one size, so every batch has the same shapes and the step
 compiles once.
 
 Deterministic: the initial weights come from ``jax.random`` keys folded from ``seed``, batches
@@ -94,7 +95,8 @@ class Encoded:
     input_ids, attention_mask, target_mask: ``[N, L]`` int32 (target_mask 1 on the answer tokens
     and the closing ``<|im_end|>``); patches: ``[N, P, 3, 256]`` uint8 (the processor's patch rows
     before normalisation); pixelated: the same for VA-OPD's pixelated view (or None);
-    grid: ``(1, H/16, W/16)``; families, answers: per row.
+    grid: ``(1, H/16, W/16)``; families, answers (the final answers), completions (the
+    trained-on text) and hinted (the question carries the ``[Hint]`` block): per row.
     """
 
     input_ids: np.ndarray
@@ -105,15 +107,23 @@ class Encoded:
     grid: tuple[int, int, int]
     families: list[str]
     answers: list[str]
+    completions: list[str] | None = None
+    hinted: np.ndarray | None = None
+    tokenizer: object | None = None  # the tokenizer the rows were encoded with (to decode completions)
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
 
 def encode_records(records: Sequence[PromptRecord], tokenizer, *, width: int, height: int, length: int,
-                   patch_size: int = 16, scale: int = 1, with_pixelated: bool = False) -> Encoded:
-    """Tokenise and patchify ``records`` (one image each, ``width x height``) into rows of ``length``."""
+                   patch_size: int = 16, scale: int = 1, with_pixelated: bool = False,
+                   hinted: Sequence[bool] | bool = False) -> Encoded:
+    """Tokenise and patchify ``records`` (one image each, ``width x height``) into rows of ``length``;
+    ``hinted``: append the record's ``cues.hint`` to the question (per row, or all rows)."""
+    from jdelta.data.chat import with_hint
+
     sp = SpecialTokens.from_tokenizer(tokenizer)
+    hint_rows = np.broadcast_to(np.asarray(hinted, bool), (len(records),)).copy()
     icfg = image_config(width, height, patch_size, scale)
     n = len(records)
     ids = np.full((n, length), sp.pad, np.int32)
@@ -121,6 +131,7 @@ def encode_records(records: Sequence[PromptRecord], tokenizer, *, width: int, he
     target = np.zeros((n, length), np.int32)
     patches, pixelated, grid = [], [], None
     backend = tokenizer.backend_tokenizer
+    completions = []
     for i, rec in enumerate(records):
         image = decode_image(rec.image_bytes(0), record=rec.id)
         p, g = process_image_uint8(image, patch_size=patch_size, min_pixels=icfg.min_pixels,
@@ -132,8 +143,15 @@ def encode_records(records: Sequence[PromptRecord], tokenizer, *, width: int, he
         if with_pixelated:
             pixelated.append(process_image_uint8(pixelate(image), patch_size=patch_size, min_pixels=icfg.min_pixels,
                                                  max_pixels=icfg.max_pixels, record=rec.id)[0])
-        prompt = build_prompt(tokenizer, rec.question, [g], special=sp).input_ids
-        answer = np.asarray(backend.encode(rec.answer, add_special_tokens=False).ids + [sp.im_end], np.int32)
+        question = rec.question
+        if hint_rows[i]:
+            if rec.cues is None or not rec.cues.hint:
+                raise ValueError(f"record {rec.id!r}: asked for a hinted row but the record has no cues.hint")
+            question = with_hint(question, rec.cues.hint)
+        prompt = build_prompt(tokenizer, question, [g], special=sp).input_ids
+        text = rec.meta.get("completion", rec.answer) if rec.meta else rec.answer
+        completions.append(text)
+        answer = np.asarray(backend.encode(text, add_special_tokens=False).ids + [sp.im_end], np.int32)
         row = np.concatenate([prompt, answer])
         if len(row) > length:
             raise ValueError(f"record {rec.id!r}: {len(row)} tokens > row length {length}")
@@ -141,7 +159,7 @@ def encode_records(records: Sequence[PromptRecord], tokenizer, *, width: int, he
         mask[i, length - len(row):] = 1
         target[i, length - len(answer):] = 1
     return Encoded(ids, mask, target, np.stack(patches), np.stack(pixelated) if with_pixelated else None, grid,
-                   [r.family for r in records], [r.answer for r in records])
+                   [r.family for r in records], [r.answer for r in records], completions, hint_rows, tokenizer)
 
 
 @dataclass(frozen=True)

@@ -12,17 +12,29 @@ the layout alone (how many lines a receipt has; whether a line ends higher than 
 VA-OPD's pixelated view keeps them answerable; ``"fine"`` ones need small text (the label under
 a bar), which pixelation wipes out. This is the design intent; :mod:`jdelta.toy.evaluate`
 measures it (the teacher's accuracy on pixelated images, per family).
+
+World v2 (the default): answers are *reasoned*, several tokens long, and end in the line
+``Answer: X`` that :func:`jdelta.answers.extract_answer` reads. The bar families first locate the
+bar (``bar 3 of 4``: layout, still visible after pixelation), then read its label (fine detail),
+so the tokens of one answer differ in how much they need the image (VA-OPD's token groups are
+not trivial). Every record carries the toy's ViCuR hint (:func:`toy_hint`: the evidence in
+words, never the answer by itself) in ``cues.hint`` and its reference completion in
+``meta["completion"]``. ``answer_style="short"`` is world v1 (the answer alone).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
+
 from jdelta.config import check
+from jdelta.data.chat import with_hint
 from jdelta.data.charts import FAMILY_KINDS, GeneratorConfig, generate_record
-from jdelta.data.records import PromptRecord
+from jdelta.data.records import Cues, PromptRecord
 
 SPLITS: dict[str, int] = {"train": 0, "heldout": 1, "seeds": 2, "distill": 3}
 
@@ -67,6 +79,7 @@ class WorldConfig:
     width: int = 128
     height: int = 96
     seed: int = 0
+    answer_style: Literal["short", "reasoned"] = "reasoned"
 
     def __post_init__(self):
         check(len(self.families) >= 1, "families", "must name at least one family")
@@ -75,6 +88,8 @@ class WorldConfig:
         for name in ("width", "height"):
             v = getattr(self, name)
             check(v >= 64 and v % 32 == 0, name, f"must be a multiple of 32 and >= 64, got {v}")
+        check(self.answer_style in ("short", "reasoned"), "answer_style",
+              f"must be 'short' or 'reasoned', got {self.answer_style!r}")
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -98,10 +113,41 @@ def split_seed(world: WorldConfig, split: str) -> int:
     return 1000 * world.seed + 100 + SPLITS[split]
 
 
+def reference_completion(record: PromptRecord, style: str = "reasoned") -> str:
+    """The completion a toy model is trained to write for ``record``: ``"short"``: the answer;
+    ``"reasoned"``: for argmax/argmin on bars ``"bar K of N\nAnswer: X"`` (K counted from the left),
+    for other families ``"Answer: X"``."""
+    if style == "short":
+        return record.answer or ""
+    data = record.meta.get("data", {})
+    if record.family in ("argmax", "argmin") and record.meta.get("kind") == "bar":
+        values = data["values"]
+        k = int(np.argmax(values) if record.family == "argmax" else np.argmin(values)) + 1
+        return f"bar {k} of {len(values)}\nAnswer: {record.answer}"
+    return f"Answer: {record.answer}"
+
+
+def toy_hint(record: PromptRecord) -> str:
+    """ViCuR's privileged cue for a toy record: the question-relevant evidence in words, which a
+    small model can use (no numbers to compare): the bar labels from left to right, the
+    receipt's items, the line's point labels. It names the answer among the others for the bar
+    families (labelled segments, as METHODS.md's cues do) but never says which one it is."""
+    data = record.meta.get("data", {})
+    kind = record.meta.get("kind")
+    if kind == "bar":
+        return "the bars from left to right are labelled " + ", ".join(f"'{x}'" for x in data["labels"])
+    if kind == "receipt":
+        return "the receipt lists " + ", ".join(data["items"])
+    if kind == "line":
+        return "the line has points at " + ", ".join(f"'{x}'" for x in data["labels"])
+    return record.cues.hint if record.cues is not None else ""
+
+
 def world_records(world: WorldConfig, split: str, n: int, *, start: int = 0,
                   families: Sequence[str] | None = None) -> list[PromptRecord]:
     """Records ``start .. start+n-1`` of ``split``: families in turn (record ``i`` asks family
-    ``i mod F`` of ``families``, default all), each drawn by the generator from ``(seed, i)``."""
+    ``i mod F`` of ``families``, default all), each drawn by the generator from ``(seed, i)``, with
+    the toy hint in ``cues.hint`` and the reference completion in ``meta["completion"]``."""
     names = tuple(families) if families is not None else world.names
     specs = [world.spec(f) for f in names]
     seed = split_seed(world, split)
@@ -109,7 +155,10 @@ def world_records(world: WorldConfig, split: str, n: int, *, start: int = 0,
     for i in range(start, start + n):
         spec = specs[i % len(specs)]
         cfg = GeneratorConfig(width=world.width, height=world.height, difficulty=spec.difficulty)
-        out.append(generate_record(i, seed, spec.family, config=cfg, kind=spec.kind))
+        rec = generate_record(i, seed, spec.family, config=cfg, kind=spec.kind)
+        cues = Cues(boxes=list(rec.cues.boxes) if rec.cues else [], hint=toy_hint(rec))
+        meta = {**rec.meta, "completion": reference_completion(rec, world.answer_style)}
+        out.append(dataclasses.replace(rec, cues=cues, meta=meta))
     return out
 
 
@@ -119,7 +168,7 @@ def answer_corpus(world: WorldConfig, n: int = 400) -> list[str]:
     text: list[str] = ["user", "assistant", "system"] * 50  # the chat template's role names
     for r in world_records(world, "train", n * len(world.families)):
         text.append(r.question)
-        text.append(r.answer or "")
+        text.append(r.meta["completion"])
         if r.cues is not None:
-            text.append(r.cues.hint)
+            text.append(with_hint("", r.cues.hint))
     return text
