@@ -1,7 +1,7 @@
 """Hardware bounds the benchmarks report against: decode-step HBM bytes and train-step FLOPs.
 
 Pure arithmetic on shapes (no JAX), shared by ``sampling.py``, ``gpu_decode.py`` and
-``train_step.py`` and checked against the recorded figures in ``tests/test_benchmark_bounds.py``.
+``train_step.py`` and checked against the recorded figures in ``tests/benchmarks/test_benchmark_bounds.py``.
 
 Decode step (one new token for each of ``B`` rows) must read from HBM at least::
 
@@ -10,7 +10,12 @@ Decode step (one new token for each of ``B`` rows) must read from HBM at least::
           + B rows of the embedding table (B x H; not the whole table)
           + live KV cache: 2 (K and V) x layers x B x live_len x kv_heads x head_dim x itemsize
 
-and the bound is ``bytes / bandwidth``.
+and the memory bound is ``bytes / bandwidth``. Its FLOPs (matmuls only, one token per row)::
+
+    2 x B x (decoder matmul params + LM head params)  +  4 x B x live_len x heads x head_dim x layers
+
+and the compute bound is ``FLOPs / matmul FLOP/s``; the step's bound is the larger of the two
+(on a GPU the memory bound; on a CPU either can be, with both peaks measured in the same run).
 
 Train step FLOPs (MaxText's convention, text tokens only)::
 
@@ -48,6 +53,24 @@ def decode_step_bytes(*, decoder_bytes: float, head_bytes: float, rows: int, hid
     """Least HBM bytes of one decode step: decoder weights (layers + norms) once, the LM head once,
     ``rows`` embedding rows, and the live KV cache (see the module docstring)."""
     return decoder_bytes + head_bytes + rows * hidden * embed_itemsize + live_kv_bytes
+
+
+def decode_step_flops(*, decoder_matmul_params: int, head_params: int, rows: int, live_len: float, heads: int,
+                      head_dim: int, layers: int) -> float:
+    """Matmul FLOPs of one decode step: every weight matrix once per row (2 FLOPs per multiply-add)
+    and attention's scores + values over ``live_len`` slots (``q.k`` and ``p.v``: 2 x 2 x d each)."""
+    return 2.0 * rows * (decoder_matmul_params + head_params) + 4.0 * rows * live_len * heads * head_dim * layers
+
+
+def step_bound(*, step_bytes: float, step_flops: float, bandwidth_gbps: float, flops_per_s: float | None = None
+               ) -> dict[str, float]:
+    """``memory_ms`` = bytes / bandwidth, ``compute_ms`` = FLOPs / FLOP/s (when given) and
+    ``bound_ms`` = the larger (a step can be faster than neither)."""
+    out = {"memory_ms": 1e3 * step_bytes / (bandwidth_gbps * 1e9)}
+    if flops_per_s:
+        out["compute_ms"] = 1e3 * step_flops / flops_per_s
+    out["bound_ms"] = max(out.values())
+    return out
 
 
 def bandwidth_gbps(device_kind: str, override: float | None = None) -> float | None:

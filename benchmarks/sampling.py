@@ -5,11 +5,20 @@ Both run on the same random Qwen3-VL weights (an HF model built from a config, s
 ``--prompt-len`` tokens, each with one image of ``--image-grid`` patches, ``--new-tokens``
 generated per sample (no stop ids, so every row generates them all).
 
-Prints a table: output tokens/s, prefill tokens/s, decode step time, compile count and time,
-transformers' tokens/s and the ratio. ``--gpu-bound`` adds the decode step against the HBM
-bound: (decoder weights + LM head once + B embedding rows + live KV) / bandwidth (``bounds.py``).
+After a compile/warm-up call of each side, ``--rounds`` rounds each time one jdelta ``generate``
+and one transformers ``generate``, the order reversed every other round, so that a change of load
+from other jobs favours neither side; the table gives each side's median and min-max of output
+tokens/s (wall time of the call), the ratio of the medians and the spread of the per-round ratios,
+and checks every round's greedy tokens against jdelta's. On CPU each round is followed by a
+measurement of the machine's read bandwidth (sum of a 1 GiB buffer, numpy and XLA) and fp32
+matmul rate (1024^3, XLA and torch); the decode step is reported against its bound, the larger of
+(decoder weights + LM head once + B embedding rows + live KV) / bandwidth and the step's matmul
+FLOPs / matmul rate (``bounds.py``). ``--gpu-bound`` gives the HBM bound on a GPU. The XLA:CPU
+defaults of ``jdelta.xla_cpu`` are applied as the ``jdelta`` command does
+(``JDELTA_XLA_CPU_DEFAULTS=0``: without them). ``--compare-head`` adds a jdelta side with
+``DecodeOptions(head_copy=False)`` (the model's own LM head, the code before the copy).
 
-    python benchmarks/sampling.py                      # ~100M-param config, batch 16, 128+64 tokens
+    python benchmarks/sampling.py --rounds 4           # ~100M-param config, batch 16, 128+64 tokens
     python benchmarks/sampling.py --preset 2b --dtype bfloat16 --batch 64 --no-hf --gpu-bound
 """
 
@@ -25,6 +34,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bounds  # noqa: E402  (benchmarks/bounds.py)
+
+if __name__ == "__main__":  # the ``jdelta`` command's XLA:CPU defaults (JDELTA_XLA_CPU_DEFAULTS=0: none)
+    from jdelta.xla_cpu import apply_cpu_defaults
+
+    ADDED_FLAGS = apply_cpu_defaults()
+else:
+    ADDED_FLAGS = []
 
 PRESETS = {
     # ~100M parameters with the real vocabulary (the tied embedding is 78M of it).
@@ -78,9 +94,11 @@ def make_inputs(batch: int, prompt_len: int, grid: tuple[int, int, int], ids: tu
 
 
 def decode_bound(model, config, *, rows: int, live_len: float, dtype: str, device: str, hbm_gbps: float | None,
-                 step_ms: float) -> dict:
-    """The decode step's HBM bound (see ``bounds.py``): decoder weights + the LM head once + ``rows``
-    embedding rows + the live KV cache of ``rows`` rows x ``live_len`` slots, over the bandwidth."""
+                 step_ms: float, flops_per_s: float | None = None) -> dict:
+    """The decode step's bound (see ``bounds.py``): bytes = decoder weights + the LM head once +
+    ``rows`` embedding rows + the live KV cache of ``rows`` rows x ``live_len`` slots, over the
+    bandwidth (``hbm_gbps``, else from the device name); with ``flops_per_s`` also the compute
+    bound (matmul FLOPs / FLOP/s), and ``bound_ms`` is the larger of the two."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -96,83 +114,163 @@ def decode_bound(model, config, *, rows: int, live_len: float, dtype: str, devic
                               head_dim=t.head_dim, itemsize=jnp.dtype(dtype).itemsize)
     total = bounds.decode_step_bytes(decoder_bytes=decoder_bytes, head_bytes=head_bytes, rows=rows,
                                      hidden=t.hidden_size, embed_itemsize=embed.dtype.itemsize, live_kv_bytes=live_kv)
-    out = {"weight_gb": (total - live_kv) / 1e9, "kv_gb": live_kv / 1e9}
+    p = bounds.qwen3_text_params(vocab=t.vocab_size, hidden=t.hidden_size, layers=t.num_hidden_layers,
+                                 heads=t.num_attention_heads, kv_heads=t.num_key_value_heads, head_dim=t.head_dim,
+                                 intermediate=t.intermediate_size)
+    flops = bounds.decode_step_flops(decoder_matmul_params=p["layer_matmul"], head_params=p["embed"], rows=rows,
+                                     live_len=live_len, heads=t.num_attention_heads, head_dim=t.head_dim,
+                                     layers=t.num_hidden_layers)
+    out = {"weight_gb": (total - live_kv) / 1e9, "kv_gb": live_kv / 1e9, "gflop": flops / 1e9}
     bw = bounds.bandwidth_gbps(device, hbm_gbps)
     if bw:
-        bound_ms = 1e3 * total / (bw * 1e9)
-        out["bound_ms"], out["bound_pct"] = bound_ms, 100 * bound_ms / step_ms
+        out.update(bounds.step_bound(step_bytes=total, step_flops=flops, bandwidth_gbps=bw, flops_per_s=flops_per_s))
+        out["bound_pct"] = 100 * out["bound_ms"] / step_ms
     return out
 
 
-def run_jdelta(path, inputs, args, image_token):
+def measure_bandwidth(mb: int = 1024, repeats: int = 5) -> dict[str, float]:
+    """Read bandwidth (GB/s) of this machine: the median time to sum a ``mb`` MB float32 buffer (far
+    larger than the caches) with numpy (one thread) and with a jitted ``jnp.sum`` (XLA:CPU, may use
+    all threads); ``gbps`` is the larger median."""
     import jax
+    import jax.numpy as jnp
 
-    from jdelta.models.qwen3_vl.weights import load_hf_checkpoint
-    from jdelta.sampling import Sampler, SamplingParams
-
-    model, config = load_hf_checkpoint(path, dtype=None if args.dtype == "float32" else args.dtype)
-    mesh = None
-    if args.mesh:
-        from jdelta.sharding import make_mesh
-
-        mesh = make_mesh({k: int(v) for k, v in (kv.split("=") for kv in args.mesh.split(","))})
-    sampler = Sampler(model, mesh=mesh)
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.new_tokens, n=args.n)
-    t0 = time.perf_counter()
-    first = sampler.generate(inputs, params, rng=0)
-    first_s = time.perf_counter() - t0
-    runs = []
-    for i in range(args.repeats):
-        res = sampler.generate(inputs, params, rng=i + 1)
-        runs.append(res.stats)
-    best = min(runs, key=lambda s: s["prefill_s"] + s["decode_s"])
-    total = best["prefill_s"] + best["decode_s"]
-    out = {
-        "device": str(jax.devices()[0].device_kind),
-        "new_tokens": best["new_tokens"],
-        "tokens_per_s": best["new_tokens"] / total,
-        "prefill_tokens_per_s": best["prompt_tokens"] / best["prefill_s"],
-        "prefill_s": best["prefill_s"],
-        "decode_step_ms": 1e3 * best["decode_s"] / best["decode_steps"],
-        "compiles": sampler.compile_count,
-        "compile_s": first_s - total,
-        "total_s": total,
-        "tokens": first.tokens,
-    }
-    if args.gpu_bound:
-        out.update(decode_bound(model, config, rows=inputs["input_ids"].shape[0] * args.n,
-                                live_len=best["padded_prompt_len"] + args.new_tokens / 2, dtype=args.dtype,
-                                device=out["device"], hbm_gbps=args.hbm_gbps, step_ms=out["decode_step_ms"]))
+    n = mb * (1 << 20) // 4
+    x = np.ones(n, np.float32)
+    xj = jnp.ones(n, jnp.float32)
+    f = jax.jit(jnp.sum)
+    jax.block_until_ready(f(xj))
+    out = {}
+    for name, call in (("numpy", lambda: x.sum()), ("jax", lambda: jax.block_until_ready(f(xj)))):
+        ts = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            call()
+            ts.append(time.perf_counter() - t)
+        out[f"{name}_gbps"] = 4 * n / float(np.median(ts)) / 1e9
+    out["gbps"] = max(out["numpy_gbps"], out["jax_gbps"])
     return out
 
 
-def run_hf(hf, inputs, args, image_token):
+def measure_matmul(n: int = 1024, repeats: int = 5) -> dict[str, float]:
+    """fp32 matmul FLOP/s: the median time of an ``n x n`` by ``n x n`` product with jax (XLA:CPU)
+    and with torch; ``flops`` is the larger median (the machine's attainable matmul rate)."""
+    import jax
+    import jax.numpy as jnp
     import torch
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # same device kind as jdelta's
-    hf = hf.to(device)
-    kw = {k: torch.tensor(v, device=device) for k, v in inputs.items()}
-    kw["mm_token_type_ids"] = (kw["input_ids"] == image_token).long()
-    gen = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, eos_token_id=None, pad_token_id=0)
-    if args.temperature > 0:
-        gen.update(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
-                   num_return_sequences=args.n)
-    else:
-        gen.update(do_sample=False)
-    with torch.no_grad():
-        hf.generate(**{k: v[:1] if k != "pixel_values" else v[: int(inputs["image_grid_thw"][0].prod())]
-                       for k, v in kw.items()}, **{**gen, "max_new_tokens": 2, "min_new_tokens": 2,
-                                                   "num_return_sequences": 1})  # warm-up
-        if device == "cuda":
-            torch.cuda.synchronize()
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(jnp.dot)
+    jax.block_until_ready(f(a, a))
+    at = torch.randn(n, n)
+    torch.mm(at, at)
+    out = {}
+    for name, call in (("jax", lambda: jax.block_until_ready(f(a, a))), ("torch", lambda: torch.mm(at, at))):
+        ts = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            call()
+            ts.append(time.perf_counter() - t)
+        out[f"{name}_gflops"] = 2 * n**3 / float(np.median(ts)) / 1e9
+    out["flops"] = 1e9 * max(out["jax_gflops"], out["torch_gflops"])
+    return out
+
+
+class JdeltaSide:
+    """jdelta's Sampler on the saved checkpoint; :meth:`timed` runs one generate call."""
+
+    def __init__(self, path, inputs, args, options=None):
+        import jax
+
+        from jdelta.models.qwen3_vl.weights import load_hf_checkpoint
+        from jdelta.sampling import Sampler, SamplingParams
+
+        self.model, self.config = load_hf_checkpoint(path, dtype=None if args.dtype == "float32" else args.dtype)
+        mesh = None
+        if args.mesh:
+            from jdelta.sharding import make_mesh
+
+            mesh = make_mesh({k: int(v) for k, v in (kv.split("=") for kv in args.mesh.split(","))})
+        self.sampler = Sampler(self.model, mesh=mesh, decode_options=options)
+        self.params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.new_tokens,
+                                     n=args.n)
+        self.inputs, self.device = inputs, str(jax.devices()[0].device_kind)
         t0 = time.perf_counter()
-        out = hf.generate(**kw, **gen)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-    s = inputs["input_ids"].shape[1]
-    new = out[:, s:]
-    return {"tokens_per_s": new.numel() / dt, "total_s": dt, "tokens": new.cpu().numpy(), "device": device}
+        first = self.sampler.generate(inputs, self.params, rng=0)
+        self.first_s, self.tokens = time.perf_counter() - t0, np.asarray(first.tokens)
+        self.padded_prompt_len = first.stats["padded_prompt_len"]
+
+    def timed(self, rng: int) -> dict:
+        t0 = time.perf_counter()
+        res = self.sampler.generate(self.inputs, self.params, rng=rng)
+        wall = time.perf_counter() - t0
+        s = res.stats
+        return {"tokens_per_s": s["new_tokens"] / wall, "wall_s": wall, "new_tokens": s["new_tokens"],
+                "prefill_tokens_per_s": s["prompt_tokens"] / s["prefill_s"], "prefill_s": s["prefill_s"],
+                "decode_step_ms": 1e3 * s["decode_s"] / s["decode_steps"], "tokens": np.asarray(res.tokens)}
+
+
+class HFSide:
+    """transformers' ``generate`` on the same weights and inputs (greedy, or sampled like jdelta)."""
+
+    def __init__(self, hf, inputs, args, image_token):
+        import torch
+
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"  # same device kind as jdelta's
+        self.hf = hf.to(self.device)
+        kw = {k: torch.tensor(v, device=self.device) for k, v in inputs.items()}
+        kw["mm_token_type_ids"] = (kw["input_ids"] == image_token).long()
+        gen = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, eos_token_id=None, pad_token_id=0)
+        if args.temperature > 0:
+            gen.update(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
+                       num_return_sequences=args.n)
+        else:
+            gen.update(do_sample=False)
+        self.kw, self.gen, self.prompt_len = kw, gen, inputs["input_ids"].shape[1]
+        first = int(inputs["image_grid_thw"][0].prod())
+        with torch.no_grad():  # warm-up on one row
+            hf.generate(**{k: v[:1] if k != "pixel_values" else v[:first] for k, v in kw.items()},
+                        **{**gen, "max_new_tokens": 2, "min_new_tokens": 2, "num_return_sequences": 1})
+
+    def timed(self, rng: int) -> dict:
+        import torch
+
+        torch.manual_seed(rng)
+        with torch.no_grad():
+            if self.device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = self.hf.generate(**self.kw, **self.gen)
+            if self.device == "cuda":
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+        new = out[:, self.prompt_len:]
+        return {"tokens_per_s": new.numel() / wall, "wall_s": wall, "tokens": new.cpu().numpy()}
+
+
+def alternate(sides: dict, rounds: int, between=None) -> dict[str, list[dict]]:
+    """``rounds`` rounds, each one timed call of every side; the order is reversed every other round
+    (``jdelta, transformers`` then ``transformers, jdelta``, ...) so that a load change favours
+    neither. ``between(r)`` (e.g. the bandwidth measurement) runs after each round. Returns each
+    side's per-round results, in round order."""
+    names = list(sides)
+    out: dict[str, list[dict]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            res = sides[name].timed(r + 1)
+            res["load1"] = os.getloadavg()[0]
+            out[name].append(res)
+            print(f"round {r + 1}/{rounds} {name}: {res['tokens_per_s']:.1f} output tokens/s "
+                  f"({res['wall_s']:.2f} s, load {res['load1']:.2f})", flush=True)
+        if between is not None:
+            between(r)
+    return out
+
+
+def spread(values, spec: str = ".1f") -> str:
+    """``median (min-max)`` of a list of numbers."""
+    v = np.asarray(values, float)
+    return f"{np.median(v):{spec}} ({v.min():{spec}}-{v.max():{spec}})"
 
 
 def greedy_agreement(ours: np.ndarray, theirs: np.ndarray) -> tuple[bool, str]:
@@ -202,11 +300,17 @@ def main(argv=None):
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default, for parity)")
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--rounds", "--repeats", dest="rounds", type=int, default=3,
+                    help="timed rounds; each times one jdelta and one transformers generate, order alternating")
     ap.add_argument("--mesh", default="", help="e.g. fsdp=4,tensor=2 (default: one device)")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers (e.g. the 2B shape on GPU)")
     ap.add_argument("--gpu-bound", action="store_true", help="report the decode step against the HBM bound")
     ap.add_argument("--hbm-gbps", type=float, default=None, help="memory bandwidth (default: from the device name)")
+    ap.add_argument("--compare-head", action="store_true",
+                    help="also time jdelta with DecodeOptions(head_copy=False) (the model's own LM head) in the rounds")
+    ap.add_argument("--hf-threads", type=int, default=0, help="torch threads (default: all cores)")
+    ap.add_argument("--no-cpu-bound", action="store_true",
+                    help="on CPU, skip measuring bandwidth and matmul FLOP/s (and the bound)")
     args = ap.parse_args(argv)
     if args.n > 1 and args.temperature == 0:
         ap.error("--n > 1 needs --temperature > 0 (greedy samples would be identical)")
@@ -216,12 +320,14 @@ def main(argv=None):
         if getattr(args, k) is not None:
             p[k] = getattr(args, k)
     grid = tuple(int(x) for x in args.image_grid.split(","))
+    load_before = os.getloadavg()
 
+    import jax
     import torch
     from transformers import Qwen3VLForConditionalGeneration
 
     torch.manual_seed(0)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.hf_threads or os.cpu_count() or 1)
     cfg, ids = hf_config(p)
     if args.dtype == "float32":
         hf = Qwen3VLForConditionalGeneration(cfg).eval()
@@ -231,34 +337,86 @@ def main(argv=None):
     inputs = make_inputs(args.batch, args.prompt_len, grid, ids, p["vocab"])
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
-        jd = run_jdelta(tmp, inputs, args, ids[0])
+        jd = JdeltaSide(tmp, inputs, args)
+        sides = {"jdelta": jd}
+        if args.compare_head:
+            from jdelta.sampling import DecodeOptions
+
+            sides["jdelta, model's head"] = JdeltaSide(tmp, inputs, args, DecodeOptions(head_copy=False))
     if args.dtype != "float32" or args.no_hf:
         del hf
-        ref = None
     else:
-        ref = run_hf(hf, inputs, args, ids[0])
+        sides["transformers"] = HFSide(hf, inputs, args, ids[0])
+    cpu = jax.default_backend() == "cpu"
+    peaks: list[dict] = []
 
-    print(f"\nQwen3-VL {args.preset} ({n_params / 1e6:.1f}M params, {args.dtype}) on {jd['device']}: "
+    def measure_peaks(r):
+        if cpu and not args.no_cpu_bound:
+            peaks.append({**measure_bandwidth(), **measure_matmul()})
+            print(f"round {r + 1}: read {peaks[-1]['gbps']:.1f} GB/s (numpy {peaks[-1]['numpy_gbps']:.1f}, jax "
+                  f"{peaks[-1]['jax_gbps']:.1f}), matmul {peaks[-1]['flops'] / 1e9:.1f} GFLOP/s", flush=True)
+
+    res = alternate(sides, args.rounds, between=measure_peaks)
+    load_after = os.getloadavg()
+    J = res["jdelta"]
+    step_ms = float(np.median([r["decode_step_ms"] for r in J]))
+    bound = {}
+    rows_ = args.batch * args.n
+    live_len = jd.padded_prompt_len + args.new_tokens / 2
+    if peaks:
+        bw = float(np.median([q["gbps"] for q in peaks]))
+        fl = float(np.median([q["flops"] for q in peaks]))
+        bound = decode_bound(jd.model, jd.config, rows=rows_, live_len=live_len, dtype=args.dtype, device="cpu",
+                             hbm_gbps=bw, step_ms=step_ms, flops_per_s=fl)
+        bound.update(bw=bw, flops=fl)
+    elif args.gpu_bound:
+        bound = decode_bound(jd.model, jd.config, rows=rows_, live_len=live_len, dtype=args.dtype,
+                             device=jd.device, hbm_gbps=args.hbm_gbps, step_ms=step_ms)
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    print(f"\nQwen3-VL {args.preset} ({n_params / 1e6:.1f}M params, {args.dtype}) on {jd.device}: "
           f"batch {args.batch} x n {args.n}, prompt {args.prompt_len} tokens + 1 image {grid}, "
-          f"{args.new_tokens} new tokens, {'greedy' if args.temperature == 0 else f'T={args.temperature}'}")
+          f"{args.new_tokens} new tokens, {'greedy' if args.temperature == 0 else f'T={args.temperature}'}; "
+          f"{args.rounds} alternating rounds; load average (1/5/15 min) before "
+          f"{'/'.join(f'{x:.2f}' for x in load_before)}, after {'/'.join(f'{x:.2f}' for x in load_after)}; "
+          f"XLA_FLAGS={flags!r} (jdelta defaults added: {len(ADDED_FLAGS)})")
     rows = [
-        ("jdelta output tokens/s", f"{jd['tokens_per_s']:.1f}"),
-        ("jdelta prefill tokens/s", f"{jd['prefill_tokens_per_s']:.1f}"),
-        ("jdelta decode step (ms)", f"{jd['decode_step_ms']:.2f}"),
-        ("jdelta compiles / compile s", f"{jd['compiles']} / {jd['compile_s']:.1f}"),
-        ("jdelta wall (s)", f"{jd['total_s']:.2f}"),
+        ("jdelta output tokens/s, median (min-max)", spread([r["tokens_per_s"] for r in J])),
+        ("jdelta prefill tokens/s", spread([r["prefill_tokens_per_s"] for r in J])),
+        ("jdelta decode step (ms)", spread([r["decode_step_ms"] for r in J], ".4g")),
+        ("jdelta compiles / first call s", f"{jd.sampler.compile_count} / {jd.first_s:.1f}"),
+        ("jdelta wall (s)", spread([r["wall_s"] for r in J])),
     ]
-    if "bound_ms" in jd:
-        rows += [("HBM bound step (ms)", f"{jd['bound_ms']:.3f} ({jd['weight_gb']:.2f} GB weights + "
-                                         f"{jd['kv_gb']:.2f} GB KV)"),
-                 ("decode step vs bound", f"{jd['decode_step_ms'] / jd['bound_ms']:.2f}x "
-                                          f"({jd['bound_pct']:.0f}% of bound)")]
-    if ref is not None:
-        rows += [(f"transformers ({ref['device']}) output tokens/s", f"{ref['tokens_per_s']:.1f}"),
-                 ("transformers wall (s)", f"{ref['total_s']:.2f}"),
-                 ("ratio jdelta / transformers", f"{jd['tokens_per_s'] / ref['tokens_per_s']:.2f}x")]
+    if "bound_ms" in bound:
+        label = "bound" if "compute_ms" in bound else "HBM bound"
+        detail = (f"{bound['weight_gb']:.3f} GB weights + {bound['kv_gb']:.3f} GB KV")
+        if "bw" in bound:
+            detail += (f" at {bound['bw']:.1f} GB/s = {bound['memory_ms']:.1f} ms; {bound['gflop']:.2f} GFLOP at "
+                       f"{bound['flops'] / 1e9:.1f} GFLOP/s = {bound['compute_ms']:.1f} ms")
+        rows += [(f"{label} step (ms)", f"{bound['bound_ms']:.3f} ({detail})"),
+                 ("decode step / bound", f"{step_ms / bound['bound_ms']:.2f}x ({bound['bound_pct']:.0f}% of bound)")]
+    for name, side in sides.items():
+        if name.startswith("jdelta, "):
+            rows += [(f"{name}: output tokens/s", spread([r["tokens_per_s"] for r in res[name]])),
+                     (f"{name}: decode step (ms)", spread([r["decode_step_ms"] for r in res[name]], ".4g")),
+                     (f"{name}: greedy tokens = jdelta's", greedy_agreement(jd.tokens, side.tokens)[1])]
+    if "transformers" in res:
+        H = res["transformers"]
+        jt = np.asarray([r["tokens_per_s"] for r in J])
+        ht = np.asarray([r["tokens_per_s"] for r in H])
+        ratios = jt / ht
+        rows += [(f"transformers ({sides['transformers'].device}, {torch.get_num_threads()} threads) output tokens/s",
+                  spread(ht)),
+                 ("transformers wall (s)", spread([r["wall_s"] for r in H])),
+                 ("ratio of medians jdelta / transformers", f"{np.median(jt) / np.median(ht):.2f}x"),
+                 ("per-round ratios, median (min-max)", f"{np.median(ratios):.2f}x ({ratios.min():.2f}-"
+                                                        f"{ratios.max():.2f}); " + ", ".join(f"{x:.2f}" for x in ratios))]
         if args.temperature == 0:
-            rows.append(("greedy tokens identical", greedy_agreement(jd["tokens"], ref["tokens"])[1]))
+            checks = [greedy_agreement(jd.tokens, r["tokens"]) for r in H]
+            checks += [greedy_agreement(jd.tokens, r["tokens"]) for r in J]
+            same = all(c[0] for c in checks)
+            rows.append(("greedy tokens identical (every round)",
+                         checks[0][1] if same else next(c[1] for c in checks if not c[0])))
     w = max(len(r[0]) for r in rows)
     print("| metric" + " " * (w - 6) + " | value |\n|" + "-" * (w + 2) + "|-------|")
     for k, v in rows:

@@ -46,7 +46,7 @@ from jax.sharding import Mesh
 from jdelta.buckets import bucket
 from jdelta.decode_attention import kv_segments, read_prefix, write_prefix
 from jdelta.distributed import host_array
-from jdelta.models.family import logits_from_hidden
+from jdelta.models.family import logit_softcap, logits_from_hidden, softcap
 from jdelta.sharding import Rules, activation_sharding, state_shardings
 from jdelta.top_p import apply_top_p as top_p_filter
 from jdelta.top_p import top_k_values
@@ -130,6 +130,10 @@ class DecodeOptions:
       top_p_candidates: top-p finds the nucleus among this many preselected logits and falls
         back to the full-vocabulary sort when a row's nucleus does not fit (``0``: always sort).
       top_p_group: > 0: preselect per group of this many logits first (see :mod:`jdelta.top_p`).
+      head_copy: form each step's logits with a contiguous ``[H, V]`` copy of the LM head made
+        once per decode call, instead of the model's own head (the tied embedding ``[V, H]``
+        transposed): XLA:CPU's dot with the transposed table is ~4x slower than with the copy
+        (``benchmarks/RESULTS.md``). Costs one head's memory. ``None``: on the CPU backend only.
     """
 
     attention: Literal["dense", "bounded"] = "bounded"
@@ -137,6 +141,7 @@ class DecodeOptions:
     kv_segment_max_fraction: float = 0.5
     top_p_candidates: int = 1024
     top_p_group: int = 0
+    head_copy: bool | None = None
 
     def __post_init__(self):
         if self.attention not in ("dense", "bounded"):
@@ -238,6 +243,16 @@ def filter_logits(logits: jax.Array, params: SamplingParams, *, temperature: Any
                        group=o.top_p_group)
 
 
+def first_argmax(logits: jax.Array) -> jax.Array:
+    """``jnp.argmax(logits, -1)`` (first index of the maximum; a NaN counts as the maximum) as
+    ``[...] int32``, by a max and a min-index reduction: XLA:CPU's fused (value, index) reduction
+    takes ~4x as long on ``[16, 151936]``."""
+    m = jnp.max(logits, axis=-1, keepdims=True)  # NaN when the row holds one
+    hit = (logits == m) | (jnp.isnan(logits) & jnp.isnan(m))
+    iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    return jnp.min(jnp.where(hit, iota, logits.shape[-1]), axis=-1)
+
+
 def sample_step(keys: jax.Array, logits: jax.Array, params: SamplingParams, *, temperature: Any = None,
                 top_p: Any = None, options: DecodeOptions | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Draw one token per row.
@@ -256,7 +271,7 @@ def sample_step(keys: jax.Array, logits: jax.Array, params: SamplingParams, *, t
     logits = logits.astype(jnp.float32)
     raw_logp = jax.nn.log_softmax(logits, axis=-1)
     if params.greedy:
-        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        tokens = first_argmax(logits)
         samp_lp = jnp.zeros(tokens.shape, jnp.float32)
     else:
         filtered = filter_logits(logits, params, temperature=temperature, top_p=top_p, options=options)
@@ -492,6 +507,9 @@ def decode(
     rows = first_logits.shape[0]
     max_new = params.max_new_tokens
     keys = row_keys(rng, rows)
+    copy_head = options.head_copy if options.head_copy is not None else jax.default_backend() == "cpu"
+    # A real [H, V] copy (the barrier keeps XLA from folding the transpose back into the dot).
+    head = jax.lax.optimization_barrier(jnp.copy(model.lm_head_weight())) if copy_head else None
     batch_sharding = (lambda x, names: x) if mesh is None else (
         lambda x, names: jax.lax.with_sharding_constraint(x, activation_sharding(mesh, names, x.shape, rules)))
 
@@ -517,9 +535,14 @@ def decode(
             attention_mask=jnp.ones((rows, 1), jnp.int32),
             position_ids=jnp.broadcast_to(pos[None], (3, rows, 1)),
             cache=cache,
-            return_logits=True,
+            return_logits=head is None,
         )
-        new_logits = batch_sharding(out.logits[:, -1, :].astype(jnp.float32), ("batch", "vocab"))
+        if head is None:
+            step_logits = out.logits[:, -1, :]
+        else:  # as logits_from_hidden forms them, with the copied head
+            hidden = out.hidden_states[:, -1, :]
+            step_logits = softcap(jnp.dot(hidden, head.astype(hidden.dtype)), logit_softcap(model))
+        new_logits = batch_sharding(step_logits.astype(jnp.float32), ("batch", "vocab"))
         new_cache = _constrain_cache(out.cache, mesh, rules)
         return t + 1, new_cache, new_logits, tokens, lps, raw_lps, lengths, finished
 

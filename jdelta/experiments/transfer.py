@@ -103,13 +103,16 @@ def other_student(pair, s: Settings, log):
            s.student_seed)
     if key in _STUDENTS:
         return _STUDENTS[key]
+    from jdelta.toy import toy_info
     from jdelta.toy.train import ModelSize, TrainSettings, encode_records, model_config, train_model
     from jdelta.toy.world import world_records
 
     w = pair.world
     t0, c0 = time.perf_counter(), time.process_time()
-    enc = encode_records(world_records(w, "train", s.student_records), pair.tokenizer, width=w.width,
-                         height=w.height, length=48, with_pixelated=True)
+    # The shipped student's recipe: the families it was trained on (world v2 leaves some out).
+    families = toy_info(pair.root / "student").get("families") or list(w.names)
+    records = [r for r in world_records(w, "train", s.student_records) if r.family in families]
+    enc = encode_records(records, pair.tokenizer, width=w.width, height=w.height, length=64, with_pixelated=True)
     size = ModelSize(hidden=s.student_hidden, layers=s.student_layers, intermediate=2 * s.student_hidden,
                      vision_hidden=s.student_vision_hidden, vision_depth=1)
     settings = TrainSettings(steps=s.student_steps, batch_size=32, seed=s.student_seed, pixelated_fraction=0.2)

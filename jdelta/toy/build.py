@@ -55,17 +55,17 @@ class PairConfig:
     world: WorldConfig = field(default_factory=WorldConfig)
     teacher: ModelSize = field(default_factory=lambda: ModelSize(hidden=64, layers=2, intermediate=128,
                                                                  vision_hidden=32, vision_depth=1))
-    student: ModelSize = field(default_factory=lambda: ModelSize(hidden=32, layers=1, intermediate=64,
-                                                                 vision_hidden=16, vision_depth=1))
+    student: ModelSize = field(default_factory=lambda: ModelSize(hidden=32, layers=2, intermediate=64,
+                                                                 vision_hidden=32, vision_depth=1))
     teacher_train: TrainSettings = field(default_factory=lambda: TrainSettings(steps=7000, pixelated_fraction=0.2))
-    student_train: TrainSettings = field(default_factory=lambda: TrainSettings(steps=2000, pixelated_fraction=0.2))
+    student_train: TrainSettings = field(default_factory=lambda: TrainSettings(steps=4000, pixelated_fraction=0.2))
     train_records: int = 6000
     heldout_per_family: int = 200
     vocab_size: int = 512
-    row_length: int = 80
+    row_length: int = 64
     seed: int = 0
-    teacher_hint_fraction: float = 0.0
-    student_families: tuple[str, ...] | None = None
+    teacher_hint_fraction: float = 0.3
+    student_families: tuple[str, ...] | None = ("trend", "counting", "argmax")
 
     def __post_init__(self):
         check(self.train_records >= len(self.world.families), "train_records",

@@ -13,11 +13,11 @@ VA-OPD's pixelated view keeps them answerable; ``"fine"`` ones need small text (
 a bar), which pixelation wipes out. This is the design intent; :mod:`jdelta.toy.evaluate`
 measures it (the teacher's accuracy on pixelated images, per family).
 
-World v2 (the default): answers are *reasoned*, several tokens long, and end in the line
-``Answer: X`` that :func:`jdelta.answers.extract_answer` reads. The bar families first locate the
-bar (``bar 3 of 4``: layout, still visible after pixelation), then read its label (fine detail),
-so the tokens of one answer differ in how much they need the image (VA-OPD's token groups are
-not trivial). Every record carries the toy's ViCuR hint (:func:`toy_hint`: the evidence in
+World v2 (the default): answers are *reasoned*, several tokens long, with the line ``Answer: X``
+that :func:`jdelta.answers.extract_answer` reads. The bar families name the label (fine detail),
+then say where the bar is (``bar 3 of 4``), so the tokens of one answer differ in how much they
+need the image and later tokens depend on the sampled label (VA-OPD's token groups and rollout
+weights are not trivial). Every record carries the toy's ViCuR hint (:func:`toy_hint`: the evidence in
 words, never the answer by itself) in ``cues.hint`` and its reference completion in
 ``meta["completion"]``. ``answer_style="short"`` is world v1 (the answer alone).
 """
@@ -123,7 +123,7 @@ def reference_completion(record: PromptRecord, style: str = "reasoned") -> str:
     if record.family in ("argmax", "argmin") and record.meta.get("kind") == "bar":
         values = data["values"]
         k = int(np.argmax(values) if record.family == "argmax" else np.argmin(values)) + 1
-        return f"bar {k} of {len(values)}\nAnswer: {record.answer}"
+        return f"Answer: {record.answer}\nbar {k} of {len(values)}"
     return f"Answer: {record.answer}"
 
 

@@ -84,3 +84,49 @@ def test_sampling_benchmark_bound_matches_the_formula_on_a_model():
     kv = 2 * t.num_hidden_layers * 3 * 10 * t.num_key_value_heads * t.head_dim * jnp.dtype("float32").itemsize
     assert out["kv_gb"] * 1e9 == pytest.approx(kv)
     assert out["bound_ms"] == pytest.approx(1e3 * (expect_w + kv) / 3350e9)
+
+
+def test_cpu_decode_bound_is_the_larger_of_memory_and_compute():
+    """The 100M fp32 sampler benchmark (batch 16, live length 128 + 64/2): bytes and FLOPs by hand."""
+    p = bounds.qwen3_text_params(vocab=151936, hidden=512, layers=8, heads=8, kv_heads=4, head_dim=64,
+                                 intermediate=1536)
+    assert p["layer_matmul"] == 8 * (512 * 512 + 2 * 512 * 256 + 512 * 512 + 3 * 512 * 1536) == 25_165_824
+    kv = bounds.kv_bytes(layers=8, rows=16, length=160, kv_heads=4, head_dim=64, itemsize=4)
+    step_bytes = bounds.decode_step_bytes(decoder_bytes=4 * (p["layer_matmul"] + p["layer_norms"]),
+                                          head_bytes=4 * p["embed"], rows=16, hidden=512, embed_itemsize=4,
+                                          live_kv_bytes=kv)
+    assert step_bytes / 1e6 == pytest.approx(100.70 + 311.16 + 0.03 + 41.94, abs=0.02)
+    flops = bounds.decode_step_flops(decoder_matmul_params=p["layer_matmul"], head_params=p["embed"], rows=16,
+                                     live_len=160, heads=8, head_dim=64, layers=8)
+    assert flops == 2 * 16 * (25_165_824 + 151936 * 512) + 4 * 16 * 160 * 8 * 64 * 8
+    assert flops / 1e9 == pytest.approx(3.3366, abs=1e-4)
+    b = bounds.step_bound(step_bytes=step_bytes, step_flops=flops, bandwidth_gbps=20.0, flops_per_s=100e9)
+    assert b["memory_ms"] == pytest.approx(22.69, abs=0.01)
+    assert b["compute_ms"] == pytest.approx(33.37, abs=0.01)
+    assert b["bound_ms"] == b["compute_ms"]  # compute-bound at these rates
+    fast = bounds.step_bound(step_bytes=step_bytes, step_flops=flops, bandwidth_gbps=20.0, flops_per_s=1e12)
+    assert fast["bound_ms"] == fast["memory_ms"]
+    assert bounds.step_bound(step_bytes=1e9, step_flops=1.0, bandwidth_gbps=1.0) == {"memory_ms": 1e3,
+                                                                                   "bound_ms": 1e3}
+
+
+def test_sampling_benchmark_cpu_bound_uses_measured_rates():
+    import dataclasses
+
+    from jdelta.testing import random_model_fast, tiny_config
+
+    sampling = _load("sampling")
+    cfg = dataclasses.replace(tiny_config(hidden=32, layers=2, vocab=64), tie_word_embeddings=True)
+    model = random_model_fast(cfg)
+    out = sampling.decode_bound(model, cfg, rows=3, live_len=10.0, dtype="float32", device="cpu", hbm_gbps=1e-3,
+                                step_ms=1.0, flops_per_s=1e6)
+    t = cfg.text
+    expect_flops = 2 * 3 * (bounds.qwen3_text_params(
+        vocab=t.vocab_size, hidden=t.hidden_size, layers=t.num_hidden_layers, heads=t.num_attention_heads,
+        kv_heads=t.num_key_value_heads, head_dim=t.head_dim, intermediate=t.intermediate_size)["layer_matmul"]
+        + t.vocab_size * t.hidden_size) + 4 * 3 * 10 * t.num_attention_heads * t.head_dim * t.num_hidden_layers
+    assert out["gflop"] * 1e9 == pytest.approx(expect_flops)
+    assert out["compute_ms"] == pytest.approx(1e3 * expect_flops / 1e6)
+    assert out["memory_ms"] == pytest.approx(1e3 * (out["weight_gb"] + out["kv_gb"]) * 1e9 / 1e6)
+    assert out["bound_ms"] == max(out["memory_ms"], out["compute_ms"])
+    assert sampling.spread([3.0, 1.0, 2.0]) == "2.0 (1.0-3.0)"

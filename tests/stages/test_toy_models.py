@@ -20,7 +20,7 @@ def tiny_pair(seed: int = 0, steps: int = 3) -> PairConfig:
     size = ModelSize(hidden=16, layers=1, intermediate=32, vision_hidden=8, vision_depth=1)
     train = TrainSettings(steps=steps, batch_size=4, warmup_steps=1, pixelated_fraction=0.5)
     return PairConfig(world=TINY_WORLD, teacher=size, student=size, teacher_train=train, student_train=train,
-                      train_records=8, heldout_per_family=2, vocab_size=400, seed=seed)
+                      train_records=8, heldout_per_family=2, vocab_size=400, seed=seed, student_families=None)
 
 
 def test_world_records_are_deterministic_disjoint_and_in_turn():
@@ -120,3 +120,84 @@ def test_shipped_pair_meets_the_world_targets():
     assert checks["fine_hurt_more"], checks
     size = sum(p.stat().st_size for p in teacher.parent.rglob("*") if p.is_file())
     assert size < 25 * 2**20
+
+
+def test_reasoned_completions_and_hints():
+    """World v2: bar answers locate the bar then name it; every record carries the toy hint."""
+    from jdelta.answers import extract_answer
+    from jdelta.toy.world import reference_completion, toy_hint
+
+    world = WorldConfig(families=(FamilySpec("argmax", "bar", 1, "fine"), FamilySpec("argmin", "bar", 1, "fine"),
+                                  FamilySpec("counting", "receipt", 1, "coarse"), FamilySpec("trend", "line", 1, "coarse")))
+    for r in world_records(world, "train", 16):
+        comp = r.meta["completion"]
+        assert extract_answer(comp) == r.answer
+        data = r.meta["data"]
+        if r.family in ("argmax", "argmin"):
+            vals = data["values"]
+            k = (np.argmax(vals) if r.family == "argmax" else np.argmin(vals)) + 1
+            assert comp == f"Answer: {r.answer}\nbar {k} of {len(vals)}"
+            assert data["labels"][k - 1] == r.answer
+            assert r.cues.hint == "the bars from left to right are labelled " + ", ".join(f"'{x}'" for x in data["labels"])
+        else:
+            assert comp == f"Answer: {r.answer}"
+        assert r.cues.hint == toy_hint(r) and r.cues.hint
+        assert reference_completion(r, "short") == r.answer
+    short = world_records(WorldConfig(families=world.families, answer_style="short"), "train", 4)
+    assert [r.meta["completion"] for r in short] == [r.answer for r in short]
+    with pytest.raises(ValueError, match="answer_style: must be 'short' or 'reasoned'"):
+        WorldConfig(answer_style="long")
+
+
+def test_hinted_rows_and_student_families():
+    from jdelta.data.chat import HINT_PREFIX
+    from jdelta.data.tokenizer import build_demo_tokenizer, load_tokenizer
+    from jdelta.toy.build import encode_split, hinted_rows
+    from jdelta.toy.world import answer_corpus
+
+    import tempfile
+
+    cfg = tiny_pair()
+    with tempfile.TemporaryDirectory() as d:
+        build_demo_tokenizer(d, answer_corpus(cfg.world, n=20), vocab_size=400)
+        tok = load_tokenizer(d)
+        hint = hinted_rows(8, 0.5, seed=0)
+        assert hint.any() and not hint.all() and (hint == hinted_rows(8, 0.5, seed=0)).all()
+        enc = encode_split(cfg, tok, "train", 8, with_pixelated=False, hinted=hint)
+        texts = [tok.decode(row[m > 0]) for row, m in zip(enc.input_ids, enc.attention_mask, strict=True)]
+        assert [HINT_PREFIX.strip() in t for t in texts] == list(hint)
+        assert (enc.hinted == hint).all()
+        only = encode_split(cfg, tok, "train", 8, with_pixelated=False, hinted=hint, families=("argmax",))
+        assert set(only.families) == {"argmax"} and len(only) == 4
+        assert (only.hinted == hint[1::2]).all()  # the hint choice follows the record, not the filtered row
+    with pytest.raises(ValueError, match="student_families: must name at least one of the world's families"):
+        PairConfig(world=TINY_WORLD, student_families=("argmin",))
+
+
+def test_greedy_tokens_equal_the_sampler(tmp_path):
+    """The toy evaluation's greedy decoding (full forward per token) gives the KV-cache sampler's tokens."""
+    import jax
+
+    from jdelta.data.tokenizer import SpecialTokens, build_demo_tokenizer, load_tokenizer
+    from jdelta.experiments.common import prompt_batch
+    from jdelta.sampling import SamplingParams, Sampler
+    from jdelta.toy.evaluate import completion_texts, greedy_correct, greedy_tokens
+    from jdelta.toy.train import encode_records, init_model, model_config
+    from jdelta.toy.world import answer_corpus
+
+    build_demo_tokenizer(tmp_path, answer_corpus(TINY_WORLD, n=20), vocab_size=400)
+    tok = load_tokenizer(tmp_path)
+    sp = SpecialTokens.from_tokenizer(tok)
+    enc = encode_records(world_records(TINY_WORLD, "heldout", 6), tok, width=128, height=96, length=96)
+    model = init_model(model_config(tok, ModelSize(hidden=32, layers=2, intermediate=64, vision_hidden=16)), 3)
+    ours = greedy_tokens(model, enc, batch_size=4, max_new_tokens=6)
+    batch = prompt_batch(enc, np.arange(6), int(sp.pad))
+    res = Sampler(model, pad_id=int(sp.pad)).generate(
+        {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")},
+        SamplingParams(temperature=0.0, max_new_tokens=6, stop_token_ids=()), rng=jax.random.key(0))
+    np.testing.assert_array_equal(ours, np.asarray(res.tokens)[:, :6])
+    texts = completion_texts(ours, tok)
+    correct = greedy_correct(model, enc, batch_size=4, max_new_tokens=6)
+    from jdelta.answers import exact_match, extract_answer
+
+    assert list(correct) == [exact_match(extract_answer(t), a) > 0 for t, a in zip(texts, enc.answers, strict=True)]
