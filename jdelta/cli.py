@@ -184,9 +184,6 @@ def parse_command_line(cls: type, args: list[str]) -> tuple[str | None, list[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jdelta.xla_cpu import apply_cpu_defaults
-
-    apply_cpu_defaults()  # before any stage starts jax (see jdelta.xla_cpu)
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())

@@ -158,7 +158,8 @@ def subset(enc, rows: Sequence[int]):
                    None if enc.pixelated is None else enc.pixelated[idx], enc.grid,
                    [enc.families[i] for i in idx], [enc.answers[i] for i in idx],
                    None if enc.completions is None else [enc.completions[i] for i in idx],
-                   None if enc.hinted is None else enc.hinted[idx], enc.tokenizer)
+                   None if enc.hinted is None else enc.hinted[idx], enc.tokenizer,
+                   None if enc.answer_mask is None else enc.answer_mask[idx])
 
 
 def prompt_batch(enc, rows: Sequence[int], pad_id: int) -> dict[str, np.ndarray]:
@@ -197,12 +198,13 @@ def accuracy(model, enc, families: Sequence[str]) -> dict[str, float]:
 
 
 def visual_reliance(model, enc, families: Sequence[str]) -> dict[str, float]:
-    """Mean drop of the model's mean answer-token log-prob (reference answers, teacher-forced) when
-    its image is pixelated (VA-OPD's pixelation), per family and ``"all"`` (nats per token)."""
+    """Mean drop of the model's mean answer-token log-prob (the final answer's tokens of the reference
+    completion, teacher-forced) when its image is pixelated (VA-OPD's pixelation), per family and
+    ``"all"`` (nats per token)."""
     from jdelta.toy.evaluate import mean_by_family, score_rows
 
-    _, lp = score_rows(model, enc)
-    _, lp_pix = score_rows(model, enc, pixelated=True)
+    _, lp = score_rows(model, enc, tokens="answer")
+    _, lp_pix = score_rows(model, enc, pixelated=True, tokens="answer")
     return mean_by_family(lp - lp_pix, enc.families, families)
 
 

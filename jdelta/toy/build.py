@@ -120,14 +120,14 @@ def _write_model(model, config, tokenizer, path: Path, info: dict) -> None:
 def evaluate_pair(teacher, student, heldout: Encoded, world: WorldConfig,
                   heldout_hint: Encoded | None = None) -> dict[str, Any]:
     """Greedy held-out accuracy per family (clean and pixelated images) for both models, plus the
-    teacher's visual advantage per family (mean drop of its completion-token log-prob when
-    pixelated); with ``heldout_hint`` (the same rows with the hint), the accuracy given the hint."""
+    teacher's visual advantage per family (mean drop of its answer-token log-prob when pixelated,
+    the reference completion teacher-forced); with ``heldout_hint`` (the same rows with the hint), the accuracy given the hint."""
     from jdelta.toy.evaluate import by_family, greedy_correct, mean_by_family, score_rows
 
     out: dict[str, Any] = {}
     for role, model in (("teacher", teacher), ("student", student)):
-        _, logp = score_rows(model, heldout)
-        _, logp_pix = score_rows(model, heldout, pixelated=True)
+        _, logp = score_rows(model, heldout, tokens="answer")
+        _, logp_pix = score_rows(model, heldout, pixelated=True, tokens="answer")
         correct = greedy_correct(model, heldout)
         correct_pix = greedy_correct(model, heldout, pixelated=True)
         out[role] = {"accuracy": by_family(correct, heldout.families, world.names),

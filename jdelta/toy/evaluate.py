@@ -104,9 +104,16 @@ def greedy_correct(model, enc: Encoded, tokenizer=None, *, pixelated: bool = Fal
     return np.asarray([exact_match(extract_answer(t), a) > 0 for t, a in zip(texts, enc.answers, strict=True)])
 
 
-def score_rows(model, enc: Encoded, *, pixelated: bool = False, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """``(teacher-forced exact match of the whole reference completion [N] bool, its mean token
-    log-prob [N])`` for every row of ``enc`` (``pixelated``: on the VA-OPD pixelated images)."""
+def score_rows(model, enc: Encoded, *, pixelated: bool = False, batch_size: int = 64,
+               tokens: str = "completion") -> tuple[np.ndarray, np.ndarray]:
+    """``(teacher-forced exact match [N] bool, mean token log-prob [N])`` of every row's reference
+    ``tokens``: ``"completion"`` (all of it and the closing ``<|im_end|>``) or ``"answer"`` (the final
+    answer's tokens only), on the clean or the VA-OPD pixelated images."""
+    if tokens not in ("completion", "answer"):
+        raise ValueError(f"tokens must be 'completion' or 'answer', got {tokens!r}")
+    mask_of = enc.target_mask if tokens == "completion" else enc.answer_mask
+    if mask_of is None:
+        raise ValueError("these rows were encoded without an answer mask")
     config = model.config
     correct, logp = [], []
     n = len(enc)
@@ -115,7 +122,7 @@ def score_rows(model, enc: Encoded, *, pixelated: bool = False, batch_size: int 
         pad = batch_size - len(rows)  # keep one compiled shape: pad with row 0, drop after
         full = np.concatenate([rows, np.zeros(pad, np.int64)]) if pad else rows
         inputs = {k: jnp.asarray(v) for k, v in model_inputs(enc, full, config, pixelated=pixelated).items()}
-        c, lp = _scores(model, inputs, jnp.asarray(enc.target_mask[full]))
+        c, lp = _scores(model, inputs, jnp.asarray(mask_of[full]))
         correct.append(np.asarray(c)[: len(rows)])
         logp.append(np.asarray(lp)[: len(rows)])
     return np.concatenate(correct), np.concatenate(logp)

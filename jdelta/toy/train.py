@@ -110,6 +110,7 @@ class Encoded:
     completions: list[str] | None = None
     hinted: np.ndarray | None = None
     tokenizer: object | None = None  # the tokenizer the rows were encoded with (to decode completions)
+    answer_mask: np.ndarray | None = None  # [N, L] 1 on the final answer's tokens within the completion
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -129,6 +130,7 @@ def encode_records(records: Sequence[PromptRecord], tokenizer, *, width: int, he
     ids = np.full((n, length), sp.pad, np.int32)
     mask = np.zeros((n, length), np.int32)
     target = np.zeros((n, length), np.int32)
+    answer_mask = np.zeros((n, length), np.int32)
     patches, pixelated, grid = [], [], None
     backend = tokenizer.backend_tokenizer
     completions = []
@@ -158,8 +160,26 @@ def encode_records(records: Sequence[PromptRecord], tokenizer, *, width: int, he
         ids[i, length - len(row):] = row
         mask[i, length - len(row):] = 1
         target[i, length - len(answer):] = 1
+        a0, a1 = answer_span(backend, text, rec.answer)
+        start = length - len(answer)
+        answer_mask[i, start + a0: start + a1] = 1
     return Encoded(ids, mask, target, np.stack(patches), np.stack(pixelated) if with_pixelated else None, grid,
-                   [r.family for r in records], [r.answer for r in records], completions, hint_rows, tokenizer)
+                   [r.family for r in records], [r.answer for r in records], completions, hint_rows, tokenizer,
+                   answer_mask)
+
+
+def answer_span(backend, completion: str, answer: str | None) -> tuple[int, int]:
+    """``(start, end)`` token indices of the final answer within ``completion``'s tokens: the last
+    occurrence of ``answer`` in the text (the whole completion when it is not found). The byte-level
+    pre-tokeniser splits at the space before a word, so the prefix tokenises the same on its own."""
+    ids = backend.encode(completion, add_special_tokens=False).ids
+    at = completion.rfind(answer) if answer else -1
+    if at < 0:
+        return 0, len(ids)
+    head = completion[:at].rstrip(" ")
+    start = len(backend.encode(head, add_special_tokens=False).ids) if head else 0
+    end = len(backend.encode(completion[: at + len(answer)], add_special_tokens=False).ids)
+    return start, max(end, start + 1)
 
 
 @dataclass(frozen=True)

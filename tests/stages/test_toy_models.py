@@ -201,3 +201,18 @@ def test_greedy_tokens_equal_the_sampler(tmp_path):
     from jdelta.answers import exact_match, extract_answer
 
     assert list(correct) == [exact_match(extract_answer(t), a) > 0 for t, a in zip(texts, enc.answers, strict=True)]
+
+
+def test_answer_mask_marks_the_final_answer(tmp_path):
+    from jdelta.data.tokenizer import build_demo_tokenizer, load_tokenizer
+    from jdelta.toy.train import encode_records
+    from jdelta.toy.world import answer_corpus
+
+    build_demo_tokenizer(tmp_path, answer_corpus(TINY_WORLD, n=20), vocab_size=400)
+    tok = load_tokenizer(tmp_path)
+    recs = world_records(TINY_WORLD, "train", 6)
+    enc = encode_records(recs, tok, width=128, height=96, length=96)
+    for i, r in enumerate(recs):
+        ans = enc.input_ids[i][enc.answer_mask[i] > 0]
+        assert tok.decode(ans).strip() == r.answer
+        assert (enc.target_mask[i][enc.answer_mask[i] > 0] == 1).all()  # inside the completion
