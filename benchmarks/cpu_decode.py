@@ -6,11 +6,11 @@ text decoder of the preset's shape (``gpu_decode.build_model``), its KV cache se
 warm-up. ``--profile DIR`` traces one more call (``jax.profiler``) and prints the host-side XLA
 op events of that call summed per name, per step (XLA:CPU runs its thunks on the host threads).
 
-The XLA:CPU defaults of :mod:`jdelta.xla_cpu` are applied first (as the ``jdelta`` command does);
-``JDELTA_XLA_CPU_DEFAULTS=0`` runs without them, so compare the two in two processes::
+XLA flags come from the environment; compare settings in two processes, e.g. XNN/YNN fusions off::
 
     python benchmarks/cpu_decode.py --profile /tmp/cpu_prof
-    JDELTA_XLA_CPU_DEFAULTS=0 python benchmarks/cpu_decode.py --profile /tmp/cpu_prof0
+    XLA_FLAGS="--xla_cpu_experimental_xnn_fusion_type= --xla_cpu_experimental_ynn_fusion_type=" \
+        python benchmarks/cpu_decode.py --profile /tmp/cpu_prof_off
 """
 
 from __future__ import annotations
@@ -22,10 +22,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from jdelta.xla_cpu import apply_cpu_defaults  # noqa: E402
-
-ADDED_FLAGS = apply_cpu_defaults()  # before jax starts its CPU client
-
 import numpy as np  # noqa: E402
 from gpu_decode import build_model, make_cache, synthetic_logits  # noqa: E402
 from sampling import PRESETS  # noqa: E402
@@ -80,8 +76,7 @@ def main(argv=None):
 
     from jdelta.sampling import DecodeOptions, SamplingParams, decode
 
-    print(f"jax {jax.__version__}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} (jdelta defaults added: "
-          f"{ADDED_FLAGS or 'none'})", flush=True)
+    print(f"jax {jax.__version__}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
     model, cfg = build_model(PRESETS[args.preset], args.dtype, 6.0)
     graphdef, state = nnx.split(model)
     params = SamplingParams(temperature=0.0, max_new_tokens=args.steps)

@@ -13,9 +13,9 @@ and checks every round's greedy tokens against jdelta's. On CPU each round is fo
 measurement of the machine's read bandwidth (sum of a 1 GiB buffer, numpy and XLA) and fp32
 matmul rate (1024^3, XLA and torch); the decode step is reported against its bound, the larger of
 (decoder weights + LM head once + B embedding rows + live KV) / bandwidth and the step's matmul
-FLOPs / matmul rate (``bounds.py``). ``--gpu-bound`` gives the HBM bound on a GPU. The XLA:CPU
-defaults of ``jdelta.xla_cpu`` are applied as the ``jdelta`` command does
-(``JDELTA_XLA_CPU_DEFAULTS=0``: without them). ``--compare-head`` adds a jdelta side with
+FLOPs / matmul rate (``bounds.py``). ``--gpu-bound`` gives the HBM bound on a GPU. XLA flags come
+from the environment as given (``benchmarks/xla_cpu_flags.py`` compares XNN/YNN fusions on and
+off; jdelta sets no XLA flags itself). ``--compare-head`` adds a jdelta side with
 ``DecodeOptions(head_copy=False)`` (the model's own LM head, the code before the copy).
 
     python benchmarks/sampling.py --rounds 4           # ~100M-param config, batch 16, 128+64 tokens
@@ -34,13 +34,6 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bounds  # noqa: E402  (benchmarks/bounds.py)
-
-if __name__ == "__main__":  # the ``jdelta`` command's XLA:CPU defaults (JDELTA_XLA_CPU_DEFAULTS=0: none)
-    from jdelta.xla_cpu import apply_cpu_defaults
-
-    ADDED_FLAGS = apply_cpu_defaults()
-else:
-    ADDED_FLAGS = []
 
 PRESETS = {
     # ~100M parameters with the real vocabulary (the tied embedding is 78M of it).
@@ -379,7 +372,7 @@ def main(argv=None):
           f"{args.new_tokens} new tokens, {'greedy' if args.temperature == 0 else f'T={args.temperature}'}; "
           f"{args.rounds} alternating rounds; load average (1/5/15 min) before "
           f"{'/'.join(f'{x:.2f}' for x in load_before)}, after {'/'.join(f'{x:.2f}' for x in load_after)}; "
-          f"XLA_FLAGS={flags!r} (jdelta defaults added: {len(ADDED_FLAGS)})")
+          f"XLA_FLAGS={flags!r}")
     rows = [
         ("jdelta output tokens/s, median (min-max)", spread([r["tokens_per_s"] for r in J])),
         ("jdelta prefill tokens/s", spread([r["prefill_tokens_per_s"] for r in J])),
