@@ -198,13 +198,13 @@ def accuracy(model, enc, families: Sequence[str]) -> dict[str, float]:
 
 
 def visual_reliance(model, enc, families: Sequence[str]) -> dict[str, float]:
-    """Mean drop of the model's mean answer-token log-prob (the final answer's tokens of the reference
-    completion, teacher-forced) when its image is pixelated (VA-OPD's pixelation), per family and
-    ``"all"`` (nats per token)."""
+    """Mean drop of the model's mean completion-token log-prob (the reference completion and its
+    closing ``<|im_end|>``, teacher-forced; world v1: the answer) when its image is pixelated
+    (VA-OPD's pixelation), per family and ``"all"`` (nats per token)."""
     from jdelta.toy.evaluate import mean_by_family, score_rows
 
-    _, lp = score_rows(model, enc, tokens="answer")
-    _, lp_pix = score_rows(model, enc, pixelated=True, tokens="answer")
+    _, lp = score_rows(model, enc)
+    _, lp_pix = score_rows(model, enc, pixelated=True)
     return mean_by_family(lp - lp_pix, enc.families, families)
 
 

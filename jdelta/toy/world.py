@@ -13,13 +13,15 @@ VA-OPD's pixelated view keeps them answerable; ``"fine"`` ones need small text (
 a bar), which pixelation wipes out. This is the design intent; :mod:`jdelta.toy.evaluate`
 measures it (the teacher's accuracy on pixelated images, per family).
 
-World v2 (the default): answers are *reasoned*, several tokens long, with the line ``Answer: X``
-that :func:`jdelta.answers.extract_answer` reads. The bar families name the label (fine detail),
-then say where the bar is (``bar 3 of 4``), so the tokens of one answer differ in how much they
-need the image and later tokens depend on the sampled label (VA-OPD's token groups and rollout
-weights are not trivial). Every record carries the toy's ViCuR hint (:func:`toy_hint`: the evidence in
-words, never the answer by itself) in ``cues.hint`` and its reference completion in
-``meta["completion"]``. ``answer_style="short"`` is world v1 (the answer alone).
+World v2 options (tried, not yet the shipped pair: docs/toy_world.md, runs 23-31):
+``answer_style="reasoned"`` makes answers several tokens long, with the line ``Answer: X`` that
+:func:`jdelta.answers.extract_answer` reads; the bar families name the label (fine detail), then
+say where the bar is (``bar 3 of 4``), so the tokens of one answer differ in how much they need
+the image and later tokens depend on the sampled label (what VA-OPD's token groups and rollout
+weights act on). ``hints="evidence"`` puts the toy's ViCuR hint (:func:`toy_hint`: the evidence in
+words a small model can use, never which item is the answer) in ``cues.hint``. Every record
+carries its reference completion in ``meta["completion"]`` (``answer_style="short"``, world v1:
+the answer alone).
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ from typing import Literal
 import numpy as np
 
 from jdelta.config import check
-from jdelta.data.chat import with_hint
 from jdelta.data.charts import FAMILY_KINDS, GeneratorConfig, generate_record
+from jdelta.data.chat import with_hint
 from jdelta.data.records import Cues, PromptRecord
 
 SPLITS: dict[str, int] = {"train": 0, "heldout": 1, "seeds": 2, "distill": 3}
@@ -79,7 +81,8 @@ class WorldConfig:
     width: int = 128
     height: int = 96
     seed: int = 0
-    answer_style: Literal["short", "reasoned"] = "reasoned"
+    answer_style: Literal["short", "reasoned"] = "short"
+    hints: Literal["generator", "evidence"] = "generator"
 
     def __post_init__(self):
         check(len(self.families) >= 1, "families", "must name at least one family")
@@ -90,6 +93,7 @@ class WorldConfig:
             check(v >= 64 and v % 32 == 0, name, f"must be a multiple of 32 and >= 64, got {v}")
         check(self.answer_style in ("short", "reasoned"), "answer_style",
               f"must be 'short' or 'reasoned', got {self.answer_style!r}")
+        check(self.hints in ("generator", "evidence"), "hints", f"must be 'generator' or 'evidence', got {self.hints!r}")
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -147,7 +151,8 @@ def world_records(world: WorldConfig, split: str, n: int, *, start: int = 0,
                   families: Sequence[str] | None = None) -> list[PromptRecord]:
     """Records ``start .. start+n-1`` of ``split``: families in turn (record ``i`` asks family
     ``i mod F`` of ``families``, default all), each drawn by the generator from ``(seed, i)``, with
-    the toy hint in ``cues.hint`` and the reference completion in ``meta["completion"]``."""
+    the reference completion in ``meta["completion"]`` and, for ``hints="evidence"``, the toy hint
+    (:func:`toy_hint`) in ``cues.hint`` (else the generator's)."""
     names = tuple(families) if families is not None else world.names
     specs = [world.spec(f) for f in names]
     seed = split_seed(world, split)
@@ -156,9 +161,9 @@ def world_records(world: WorldConfig, split: str, n: int, *, start: int = 0,
         spec = specs[i % len(specs)]
         cfg = GeneratorConfig(width=world.width, height=world.height, difficulty=spec.difficulty)
         rec = generate_record(i, seed, spec.family, config=cfg, kind=spec.kind)
-        cues = Cues(boxes=list(rec.cues.boxes) if rec.cues else [], hint=toy_hint(rec))
-        meta = {**rec.meta, "completion": reference_completion(rec, world.answer_style)}
-        out.append(dataclasses.replace(rec, cues=cues, meta=meta))
+        if world.hints == "evidence":
+            rec = dataclasses.replace(rec, cues=Cues(boxes=list(rec.cues.boxes) if rec.cues else [], hint=toy_hint(rec)))
+        out.append(dataclasses.replace(rec, meta={**rec.meta, "completion": reference_completion(rec, world.answer_style)}))
     return out
 
 

@@ -128,7 +128,8 @@ def test_reasoned_completions_and_hints():
     from jdelta.toy.world import reference_completion, toy_hint
 
     world = WorldConfig(families=(FamilySpec("argmax", "bar", 1, "fine"), FamilySpec("argmin", "bar", 1, "fine"),
-                                  FamilySpec("counting", "receipt", 1, "coarse"), FamilySpec("trend", "line", 1, "coarse")))
+                                  FamilySpec("counting", "receipt", 1, "coarse"), FamilySpec("trend", "line", 1, "coarse")),
+                        answer_style="reasoned", hints="evidence")
     for r in world_records(world, "train", 16):
         comp = r.meta["completion"]
         assert extract_answer(comp) == r.answer
@@ -143,21 +144,29 @@ def test_reasoned_completions_and_hints():
             assert comp == f"Answer: {r.answer}"
         assert r.cues.hint == toy_hint(r) and r.cues.hint
         assert reference_completion(r, "short") == r.answer
-    short = world_records(WorldConfig(families=world.families, answer_style="short"), "train", 4)
+    short = world_records(WorldConfig(families=world.families), "train", 16)  # world v1: the defaults
     assert [r.meta["completion"] for r in short] == [r.answer for r in short]
+    from jdelta.data.charts import GeneratorConfig, generate_record
+
+    first = generate_record(0, split_seed(world, "train"), "argmax", config=GeneratorConfig(width=128, height=96,
+                                                                                            difficulty=1), kind="bar")
+    assert short[0].cues.hint == first.cues.hint  # v1 keeps the generator's hint
+    with pytest.raises(ValueError, match="hints: must be 'generator' or 'evidence'"):
+        WorldConfig(hints="some")
     with pytest.raises(ValueError, match="answer_style: must be 'short' or 'reasoned'"):
         WorldConfig(answer_style="long")
 
 
 def test_hinted_rows_and_student_families():
+    import dataclasses
+    import tempfile
+
     from jdelta.data.chat import HINT_PREFIX
     from jdelta.data.tokenizer import build_demo_tokenizer, load_tokenizer
     from jdelta.toy.build import encode_split, hinted_rows
     from jdelta.toy.world import answer_corpus
 
-    import tempfile
-
-    cfg = tiny_pair()
+    cfg = dataclasses.replace(tiny_pair(), row_length=128)  # the generator's hints are long
     with tempfile.TemporaryDirectory() as d:
         build_demo_tokenizer(d, answer_corpus(cfg.world, n=20), vocab_size=400)
         tok = load_tokenizer(d)
@@ -180,7 +189,7 @@ def test_greedy_tokens_equal_the_sampler(tmp_path):
 
     from jdelta.data.tokenizer import SpecialTokens, build_demo_tokenizer, load_tokenizer
     from jdelta.experiments.common import prompt_batch
-    from jdelta.sampling import SamplingParams, Sampler
+    from jdelta.sampling import Sampler, SamplingParams
     from jdelta.toy.evaluate import completion_texts, greedy_correct, greedy_tokens
     from jdelta.toy.train import encode_records, init_model, model_config
     from jdelta.toy.world import answer_corpus
