@@ -13,7 +13,7 @@ VA-OPD's pixelated view keeps them answerable; ``"fine"`` ones need small text (
 a bar), which pixelation wipes out. This is the design intent; :mod:`jdelta.toy.evaluate`
 measures it (the teacher's accuracy on pixelated images, per family).
 
-World v2 options (tried, not yet the shipped pair: docs/toy_world.md, runs 23-31):
+World v2 options (tried, not yet the shipped pair: docs/toy_world.md, runs 23-33):
 ``answer_style="reasoned"`` makes answers several tokens long, with the line ``Answer: X`` that
 :func:`jdelta.answers.extract_answer` reads; the bar families name the label (fine detail), then
 say where the bar is (``bar 3 of 4``), so the tokens of one answer differ in how much they need
