@@ -93,15 +93,17 @@ def hinted_rows(n: int, fraction: float, seed: int) -> np.ndarray:
 
 
 def encode_split(cfg: PairConfig, tokenizer, split: str, n: int, *, with_pixelated: bool,
-                 hinted: np.ndarray | bool = False, families: tuple[str, ...] | None = None) -> Encoded:
-    """``n`` records of ``split`` as training/evaluation rows (``families``: keep only those;
-    ``hinted``: per record of the split, before that filter)."""
+                 hinted: np.ndarray | bool = False, families: tuple[str, ...] | None = None,
+                 length: int | None = None) -> Encoded:
+    """``n`` records of ``split`` as training/evaluation rows of ``length`` tokens (default
+    ``cfg.row_length``; ``families``: keep only those; ``hinted``: per record of the split, before
+    that filter)."""
     w = cfg.world
     records = world_records(w, split, n)
     hint = np.broadcast_to(np.asarray(hinted, bool), (n,))
     keep = [i for i, r in enumerate(records) if families is None or r.family in families]
     return encode_records([records[i] for i in keep], tokenizer, width=w.width, height=w.height,
-                          length=cfg.row_length, with_pixelated=with_pixelated, hinted=hint[keep])
+                          length=length or cfg.row_length, with_pixelated=with_pixelated, hinted=hint[keep])
 
 
 def _write_model(model, config, tokenizer, path: Path, info: dict) -> None:
@@ -171,7 +173,9 @@ def build_pair(cfg: PairConfig, out: str | os.PathLike, *, log: Callable[[str], 
     }
     n_held = cfg.heldout_per_family * n_families
     heldout = encode_split(cfg, tokenizer, "heldout", n_held, with_pixelated=True)
-    heldout_hint = encode_split(cfg, tokenizer, "heldout", n_held, with_pixelated=False, hinted=True)
+    # The accuracy given the hint, only for a teacher trained with hints (rows longer by the hint).
+    heldout_hint = None if cfg.teacher_hint_fraction <= 0 else encode_split(
+        cfg, tokenizer, "heldout", n_held, with_pixelated=False, hinted=True, length=cfg.row_length + 64)
     clock("data", t0, c0)
     log(f"data: {len(data['teacher'])} teacher rows ({int(hint.sum())} with hints), {len(data['student'])} student "
         f"rows, {len(heldout)} held-out rows ({timing['data']['wall_s']:.0f} s)")
@@ -299,8 +303,8 @@ def evaluate_dirs(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike
     records = world_records(world, "heldout", heldout_per_family * len(world.families))
     heldout = encode_records(records, tokenizer, width=world.width, height=world.height, length=row_length,
                              with_pixelated=True)
-    heldout_hint = encode_records(records, tokenizer, width=world.width, height=world.height, length=row_length,
-                                  hinted=True)
+    heldout_hint = None if not info.get("hint_fraction") else encode_records(
+        records, tokenizer, width=world.width, height=world.height, length=row_length + 64, hinted=True)
     teacher, _ = load_hf_checkpoint(teacher_dir)
     student, _ = load_hf_checkpoint(student_dir)
     return evaluate_pair(teacher, student, heldout, world, heldout_hint), world
