@@ -109,3 +109,28 @@ CASES = {
     "two_images_different_sizes": [[3, (1, 4, 6), 4, (1, 6, 2), 5]],
     "batch_left_padding": [[3, (1, 4, 6), 2, (1, 2, 2), 4], [6, (1, 6, 4), 3], [9]],
 }
+
+
+def save_tiny_hf_checkpoint(tok, out_dir, *, hidden: int = 32, layers: int = 2, seed: int = 0) -> None:
+    """A random tiny transformers Qwen3-VL for ``tok`` saved with the tokenizer to ``out_dir`` (a
+    complete HF directory): text ``hidden`` wide (MLP 2x), ``layers`` deep, 4 heads (2 KV) of 8, tied
+    embeddings, M-RoPE [1, 1, 2] interleaved; vision 32 wide, 1 block, DeepStack at block 0."""
+    from transformers import Qwen3VLForConditionalGeneration as HFModel
+
+    from jdelta.data.tokenizer import SpecialTokens
+
+    sp = SpecialTokens.from_tokenizer(tok)
+    cfg = HFConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                         max_position_embeddings=4096,
+                         rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0,
+                                          "mrope_section": [1, 1, 2], "mrope_interleaved": True}),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                           deepstack_visual_indexes=[0]),
+        image_token_id=sp.image_pad, video_token_id=sp.video_pad, vision_start_token_id=sp.vision_start,
+        vision_end_token_id=sp.vision_end, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    HFModel(cfg).save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)

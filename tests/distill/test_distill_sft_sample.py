@@ -6,9 +6,7 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
-from transformers import Qwen3VLConfig as HFConfig
-from transformers import Qwen3VLForConditionalGeneration as HFModel
+from qwen3_vl_tiny import save_tiny_hf_checkpoint
 
 from jdelta.cli import main
 from jdelta.data.charts import corpus_text, generate_records
@@ -24,23 +22,6 @@ MIN_PIXELS, MAX_PIXELS = 32 * 32 * 4, 64 * 64
 IMAGE = ImageConfig(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
 
 
-def _hf_model(tok, sp, hidden, layers, seed, out_dir):
-    cfg = HFConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                         max_position_embeddings=4096,
-                         rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0,
-                                          "mrope_section": [1, 1, 2], "mrope_interleaved": True}),
-        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
-                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
-                           deepstack_visual_indexes=[0]),
-        image_token_id=sp.image_pad, video_token_id=sp.video_pad, vision_start_token_id=sp.vision_start,
-        vision_end_token_id=sp.vision_end, tie_word_embeddings=True)
-    torch.manual_seed(seed)
-    HFModel(cfg).save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-
-
 @pytest.fixture(scope="module")
 def sampled(tmp_path_factory):
     root = tmp_path_factory.mktemp("sft_sample")
@@ -48,8 +29,8 @@ def sampled(tmp_path_factory):
     teacher_dir, student_dir = root / "teacher", root / "student"
     tok = build_demo_tokenizer(teacher_dir, corpus_text(records), vocab_size=400)
     sp = SpecialTokens.from_tokenizer(tok)
-    _hf_model(tok, sp, 32, 2, 0, teacher_dir)
-    _hf_model(tok, sp, 32, 1, 1, student_dir)
+    save_tiny_hf_checkpoint(tok, teacher_dir, hidden=32, layers=2, seed=0)
+    save_tiny_hf_checkpoint(tok, student_dir, hidden=32, layers=1, seed=1)
     prompts = root / "prompts.jsonl"
     write_jsonl(records, prompts)
     out = root / "sample" / "samples.jsonl"  # `jdelta sample --out` is a run directory

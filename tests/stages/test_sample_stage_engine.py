@@ -8,14 +8,12 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
-from transformers import Qwen3VLConfig as HFConfig
-from transformers import Qwen3VLForConditionalGeneration as HFModel
+from qwen3_vl_tiny import save_tiny_hf_checkpoint
 
 from jdelta.cli import main
 from jdelta.data.charts import corpus_text, generate_records
 from jdelta.data.records import write_jsonl
-from jdelta.data.tokenizer import SpecialTokens, build_demo_tokenizer
+from jdelta.data.tokenizer import build_demo_tokenizer
 
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 N_RECORDS = 5
@@ -27,19 +25,7 @@ def setup(tmp_path_factory):
     records = generate_records(N_RECORDS, seed=1, width=64, height=64)
     model_dir = root / "model"
     tok = build_demo_tokenizer(model_dir, corpus_text(records), vocab_size=400)
-    sp = SpecialTokens.from_tokenizer(tok)
-    cfg = HFConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=4096,
-                         rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0,
-                                          "mrope_section": [1, 1, 2], "mrope_interleaved": True}),
-        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
-                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
-                           deepstack_visual_indexes=[0]),
-        image_token_id=sp.image_pad, video_token_id=sp.video_pad, vision_start_token_id=sp.vision_start,
-        vision_end_token_id=sp.vision_end, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    HFModel(cfg).save_pretrained(model_dir)
+    save_tiny_hf_checkpoint(tok, model_dir)
     # text prompts of different lengths (the engine pads them all to one length, the static
     # sampler each batch to its own)
     text = [dataclasses.replace(r, images=[], question=r.question * (1 + i % 3)) for i, r in enumerate(records)]
