@@ -23,24 +23,18 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
-from gpu_decode import build_model, make_cache, synthetic_logits  # noqa: E402
+from gpu_decode import build_model, load_trace_events, make_cache, synthetic_logits  # noqa: E402
 from sampling import PRESETS  # noqa: E402
 
 
 def summarize_host_trace(log_dir: str, steps: int, top: int = 20) -> str:
     """Sum the trace's complete events per name (all threads), per decode step, largest first."""
-    import glob
-    import gzip
-    import json
     from collections import defaultdict
 
-    files = sorted(glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"), recursive=True),
-                   key=os.path.getmtime)
-    if not files:
+    found = load_trace_events(log_dir)
+    if found is None:
         return f"profile: no perfetto_trace.json.gz under {log_dir}"
-    with gzip.open(files[-1]) as f:
-        data = json.load(f)
-    events = data["traceEvents"] if isinstance(data, dict) else data
+    path, events = found
     thread = {(e["pid"], e.get("tid")): str(e.get("args", {}).get("name", ""))
               for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"}
     per_name, per_thread = defaultdict(float), defaultdict(float)
@@ -50,7 +44,7 @@ def summarize_host_trace(log_dir: str, steps: int, top: int = 20) -> str:
             per_name[e["name"]] += e["dur"]
             count[e["name"]] += 1
             per_thread[thread.get((e["pid"], e.get("tid")), "?")] += e["dur"]
-    lines = [f"profile ({files[-1]}, {steps} steps); event time per thread (ms/step): " + ", ".join(
+    lines = [f"profile ({path}, {steps} steps); event time per thread (ms/step): " + ", ".join(
         f"{t}: {d / steps / 1e3:.1f}" for t, d in sorted(per_thread.items(), key=lambda kv: -kv[1])[:6])]
     for name, dur in sorted(per_name.items(), key=lambda kv: -kv[1])[:top]:
         lines.append(f"  {dur / steps / 1e3:9.3f} ms/step  x{count[name] / steps:6.1f}/step  {name[:120]}")

@@ -175,21 +175,31 @@ class Bench:
         return row
 
 
-def summarize_trace(log_dir: str, steps: int, top: int = 15) -> str:
-    """Per decode step: device kernel time, its span and the kernels taking most time, from the
-    newest ``perfetto_trace.json.gz`` under ``log_dir`` (Chrome trace events)."""
+def load_trace_events(log_dir: str) -> tuple[str, list[dict]] | None:
+    """``(path, Chrome trace events)`` of the newest ``perfetto_trace.json.gz`` under ``log_dir``
+    (a ``jax.profiler`` trace directory), or None when there is none."""
     import glob
     import gzip
     import json
-    from collections import defaultdict
 
     files = sorted(glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"), recursive=True),
                    key=os.path.getmtime)
     if not files:
-        return f"profile: no perfetto_trace.json.gz under {log_dir}"
+        return None
     with gzip.open(files[-1]) as f:
         data = json.load(f)
-    events = data["traceEvents"] if isinstance(data, dict) else data
+    return files[-1], data["traceEvents"] if isinstance(data, dict) else data
+
+
+def summarize_trace(log_dir: str, steps: int, top: int = 15) -> str:
+    """Per decode step: device kernel time, its span and the kernels taking most time, from the
+    newest ``perfetto_trace.json.gz`` under ``log_dir`` (Chrome trace events)."""
+    from collections import defaultdict
+
+    found = load_trace_events(log_dir)
+    if found is None:
+        return f"profile: no perfetto_trace.json.gz under {log_dir}"
+    path, events = found
     proc, thread = {}, {}
     for e in events:
         if e.get("ph") == "M" and e.get("name") == "process_name":
@@ -200,7 +210,7 @@ def summarize_trace(log_dir: str, steps: int, top: int = 15) -> str:
     for e in events:
         if e.get("ph") == "X" and "dur" in e:
             by_thread[(proc.get(e["pid"], "?"), thread.get((e["pid"], e.get("tid")), "?"))].append(e)
-    lines = [f"profile ({files[-1]}, {steps} steps): threads " + ", ".join(
+    lines = [f"profile ({path}, {steps} steps): threads " + ", ".join(
         f"{p}/{t}: {len(v)}" for (p, t), v in sorted(by_thread.items(), key=lambda kv: -len(kv[1]))[:8])]
     device = {k: v for k, v in by_thread.items() if "device" in k[0].lower() or "gpu" in k[0].lower()}
     streams = {k: v for k, v in device.items() if "stream" in k[1].lower()} or device
