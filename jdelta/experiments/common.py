@@ -151,15 +151,7 @@ def encode(pair: Pair, records: Sequence, *, length: int = 96):
 
 def subset(enc, rows: Sequence[int]):
     """The rows ``rows`` of an :class:`~jdelta.toy.train.Encoded`."""
-    from jdelta.toy.train import Encoded
-
-    idx = np.asarray(rows, np.int64)
-    return Encoded(enc.input_ids[idx], enc.attention_mask[idx], enc.target_mask[idx], enc.patches[idx],
-                   None if enc.pixelated is None else enc.pixelated[idx], enc.grid,
-                   [enc.families[i] for i in idx], [enc.answers[i] for i in idx],
-                   None if enc.completions is None else [enc.completions[i] for i in idx],
-                   None if enc.hinted is None else enc.hinted[idx], enc.tokenizer,
-                   None if enc.answer_mask is None else enc.answer_mask[idx])
+    return enc.take(rows)
 
 
 def prompt_batch(enc, rows: Sequence[int], pad_id: int) -> dict[str, np.ndarray]:
@@ -167,16 +159,11 @@ def prompt_batch(enc, rows: Sequence[int], pad_id: int) -> dict[str, np.ndarray]
     without the answer (``input_ids, attention_mask [B, L]``), ``pixel_values`` and
     ``pixel_values_pixelated [B*P, D]``, ``image_grid_thw [B, 3]``."""
     from jdelta.data.image_processor import normalise_patches
+    from jdelta.toy.train import prompt_rows
 
     rows = np.asarray(rows, np.int64)
-    n, length = len(rows), enc.input_ids.shape[1]
-    ids = np.full((n, length), pad_id, np.int32)
-    mask = np.zeros((n, length), np.int32)
-    for i, r in enumerate(rows):
-        keep = (enc.attention_mask[r] > 0) & (enc.target_mask[r] == 0)
-        toks = enc.input_ids[r][keep]
-        ids[i, length - len(toks):] = toks
-        mask[i, length - len(toks):] = 1
+    n = len(rows)
+    ids, mask = prompt_rows(enc, rows, pad_id)
     patches = enc.patches[rows]
     out = {"input_ids": ids, "attention_mask": mask,
            "pixel_values": normalise_patches(patches.reshape(-1, *patches.shape[2:])),

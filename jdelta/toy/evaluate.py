@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from jdelta.divergence import proportion_interval
-from jdelta.toy.train import Encoded, answer_logprobs, model_inputs
+from jdelta.toy.train import Encoded, answer_logprobs, model_inputs, prompt_rows
 
 MAX_NEW_TOKENS = 16  # longest toy completion: "bar 4 of 4\nAnswer: Lemon" + <|im_end|> is 12 tokens
 
@@ -56,19 +56,13 @@ def greedy_tokens(model, enc: Encoded, *, pixelated: bool = False, batch_size: i
     from jdelta.models.qwen3_vl.positions import get_rope_index
 
     config = model.config
-    n, length = len(enc), enc.input_ids.shape[1]
+    n = len(enc)
     out = []
     for start in range(0, n, batch_size):
         rows = np.arange(start, min(n, start + batch_size))
         full = np.concatenate([rows, np.zeros(batch_size - len(rows), np.int64)]) if len(rows) < batch_size else rows
         inputs = model_inputs(enc, full, config, pixelated=pixelated)
-        ids = np.full((len(full), length), enc.input_ids[0, 0], np.int32)
-        mask = np.zeros((len(full), length), np.int32)
-        for i, r in enumerate(full):
-            keep = (enc.attention_mask[r] > 0) & (enc.target_mask[r] == 0)
-            toks = enc.input_ids[r][keep]
-            ids[i, length - len(toks):] = toks
-            mask[i, length - len(toks):] = 1
+        ids, mask = prompt_rows(enc, full, int(enc.input_ids[0, 0]))
         buf_ids = np.concatenate([ids, np.full((len(full), max_new_tokens), ids[0, 0], np.int32)], axis=1)
         buf_mask = np.concatenate([mask, np.ones((len(full), max_new_tokens), np.int32)], axis=1)
         pos, _ = get_rope_index(buf_ids, inputs["image_grid_thw"], buf_mask, config)

@@ -115,6 +115,20 @@ class Encoded:
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
+    def take(self, rows) -> Encoded:
+        """The rows ``rows`` (every per-row field indexed; ``grid`` and ``tokenizer`` shared)."""
+        import dataclasses
+
+        idx = np.asarray(rows, np.int64)
+
+        def pick(v):
+            if v is None:
+                return None
+            return v[idx] if isinstance(v, np.ndarray) else [v[i] for i in idx]
+
+        return dataclasses.replace(self, **{f.name: pick(getattr(self, f.name)) for f in dataclasses.fields(self)
+                                            if f.name not in ("grid", "tokenizer")})
+
 
 def encode_records(records: Sequence[PromptRecord], tokenizer, *, width: int, height: int, length: int,
                    patch_size: int = 16, scale: int = 1, with_pixelated: bool = False,
@@ -166,6 +180,20 @@ def encode_records(records: Sequence[PromptRecord], tokenizer, *, width: int, he
     return Encoded(ids, mask, target, np.stack(patches), np.stack(pixelated) if with_pixelated else None, grid,
                    [r.family for r in records], [r.answer for r in records], completions, hint_rows, tokenizer,
                    answer_mask)
+
+
+def prompt_rows(enc: Encoded, rows, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """The chat prompts of ``rows`` of ``enc`` without their reference completions, left-padded with
+    ``pad_id`` to the rows' length: ``(input_ids, attention_mask)``, each ``[len(rows), L]`` int32."""
+    rows = np.asarray(rows, np.int64)
+    length = enc.input_ids.shape[1]
+    ids = np.full((len(rows), length), pad_id, np.int32)
+    mask = np.zeros((len(rows), length), np.int32)
+    for i, r in enumerate(rows):
+        toks = enc.input_ids[r][(enc.attention_mask[r] > 0) & (enc.target_mask[r] == 0)]
+        ids[i, length - len(toks):] = toks
+        mask[i, length - len(toks):] = 1
+    return ids, mask
 
 
 def answer_span(backend, completion: str, answer: str | None) -> tuple[int, int]:
