@@ -57,11 +57,11 @@ FUSIONS_OFF = ("--xla_cpu_experimental_xnn_fusion_type= --xla_cpu_experimental_y
                "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_DISABLED")
 
 
-def run_child(defaults: bool, args) -> dict:
-    """One timing in a fresh process; ``defaults=True``: the fusions off (the flags above)."""
+def run_child(fusions_off: bool, args) -> dict:
+    """One timing in a fresh process, with the fusions off (the flags above) or XLA's defaults."""
     env = dict(os.environ)
     env.setdefault("JAX_PLATFORMS", "cpu")
-    if defaults:
+    if fusions_off:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + FUSIONS_OFF).strip()
     out = subprocess.run([sys.executable, "-c", CHILD, str(args.batch), str(args.length), str(args.reps)], env=env,
                          capture_output=True, text=True, check=True)
@@ -78,12 +78,12 @@ def main() -> None:
     load0 = os.getloadavg()
     res: dict[bool, list[dict]] = {True: [], False: []}
     for r in range(args.rounds):
-        for defaults in ((True, False) if r % 2 == 0 else (False, True)):
-            res[defaults].append(run_child(defaults, args))
+        for fusions_off in ((True, False) if r % 2 == 0 else (False, True)):
+            res[fusions_off].append(run_child(fusions_off, args))
     import numpy as np
 
-    def med(k, d):
-        return float(np.median([x[k] for x in res[d]]))
+    def med(k, fusions_off):
+        return float(np.median([x[k] for x in res[fusions_off]]))
 
     print(f"toy teacher (64 wide, 2 layers, vision 32), batch {args.batch} x {args.length} tokens, "
           f"{args.rounds} alternating rounds x {args.reps} timed calls; load average {load0[0]:.1f} -> "
