@@ -133,7 +133,8 @@ class DecodeOptions:
       head_copy: form each step's logits with a contiguous ``[H, V]`` copy of the LM head made
         once per decode call, instead of the model's own head (the tied embedding ``[V, H]``
         transposed): XLA:CPU's dot with the transposed table is ~4x slower than with the copy
-        (``benchmarks/RESULTS.md``). Costs one head's memory. ``None``: on the CPU backend only.
+        (``benchmarks/RESULTS.md``). Costs one head's memory. ``None``: on the CPU backend, for
+        tied heads only (an untied head is a contiguous ``[H, V]`` kernel already).
     """
 
     attention: Literal["dense", "bounded"] = "bounded"
@@ -508,7 +509,10 @@ def decode(
     rows = first_logits.shape[0]
     max_new = params.max_new_tokens
     keys = row_keys(rng, rows)
-    copy_head = options.head_copy if options.head_copy is not None else jax.default_backend() == "cpu"
+    # Only a tied head is the transposed embedding table; an untied head is already a [H, V] kernel.
+    tied_head = getattr(model, "lm_head", None) is None
+    copy_head = options.head_copy if options.head_copy is not None else (
+        jax.default_backend() == "cpu" and tied_head)
     # A real [H, V] copy (the barrier keeps XLA from folding the transpose back into the dot).
     head = jax.lax.optimization_barrier(jnp.copy(model.lm_head_weight())) if copy_head else None
     batch_sharding = (lambda x, names: x) if mesh is None else (
