@@ -166,19 +166,17 @@ class ContinuousSampler:
     def results(self, batches, params: SamplingParams, batch_key) -> Iterator[tuple[PromptBatch, Any]]:
         """``(batch, GenerationResult)`` per batch of ``batches`` in order, as the static sampler's
         (``prompt_index`` within the batch); all are computed before the first is yielded."""
-        import jax
         import jax.numpy as jnp
 
         from jdelta.buckets import bucket
         from jdelta.rollout_engine import RolloutEngine
+        from jdelta.sampling import row_keys
 
         batches = list(batches)
         prompts, keys = [], []
         for step, batch in enumerate(batches):
             prompts += split_prompts(self.model.config, batch.inputs, [r.id for r in batch.records])
-            k = batch_key(step)
-            keys.append(jax.vmap(lambda r, k=k: jax.random.fold_in(k, r))(
-                jnp.arange(len(batch.indices) * params.n, dtype=jnp.uint32)))
+            keys.append(row_keys(batch_key(step), len(batch.indices) * params.n))
         if not prompts:
             return
         prompt_len = bucket(max(p["input_ids"].size for p in prompts), self.pipeline.seq_buckets)

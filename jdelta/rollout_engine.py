@@ -48,6 +48,9 @@ from jdelta.sampling import (
     prefill,
     sample_step,
 )
+from jdelta.sampling import (
+    row_keys as static_row_keys,
+)
 
 
 class EngineState(NamedTuple):
@@ -268,7 +271,7 @@ class RolloutEngine:
 
         rows = len(prompts) * n
         if row_keys is None:
-            row_keys = jax.vmap(lambda r: jax.random.fold_in(rng, r))(jnp.arange(rows, dtype=jnp.uint32))
+            row_keys = static_row_keys(rng, rows)
         elif row_keys.shape != (rows,):
             raise ValueError(f"row_keys must hold {rows} keys (prompts x n), got shape {row_keys.shape}")
         # padded to a power of two (repeats of the last key, never read) so the chunk compiles once per bucket
