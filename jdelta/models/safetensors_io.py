@@ -178,12 +178,18 @@ def check_checkpoint(path: str | Path, family: str, expected: Mapping[str, tuple
 
 def materialise(abstract: Any, source: np.ndarray, sharding: Any = None) -> jax.Array:
     """``source`` (e.g. a memory map) as a parameter of ``abstract``'s shape and dtype, on
-    ``sharding`` (each device reads only its slice) or, without one, on the default device."""
+    ``sharding`` (each device reads only its slice) or, without one, on the default device.
+
+    The host data is always copied out of ``source`` first: on CPU, ``jax.device_put`` of an
+    aligned NumPy array aliases its memory, so a parameter made from a memory map would read the
+    checkpoint file itself for as long as it lives: a file rewritten in place (a save into the
+    directory it was loaded from) would change the model under it, and a truncated one kills the
+    process with SIGBUS."""
     target = np.dtype(abstract.dtype)
     if sharding is not None:
         return jax.make_array_from_callback(abstract.shape, sharding,
-                                            lambda idx: np.asarray(source[idx], dtype=target))
-    return jax.device_put(np.asarray(source, dtype=target))
+                                            lambda idx: np.array(source[idx], dtype=target, copy=True))
+    return jax.device_put(np.array(source, dtype=target, copy=True))
 
 
 def host_array(arr: jax.Array) -> np.ndarray:

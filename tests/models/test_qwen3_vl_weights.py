@@ -150,6 +150,30 @@ def test_truncated_safetensors_names_the_file(ckpt, tmp_path):
         load_hf_checkpoint(tmp_path / "header")
 
 
+def test_materialised_parameters_do_not_alias_a_memory_map(tmp_path):
+    """A parameter made from a memory map owns its data: the file rewritten in place, then
+    truncated, changes nothing. (On CPU, ``device_put`` of an aligned NumPy array aliases it:
+    before the copy, the rewrite changed the parameter and the truncation killed the process
+    with SIGBUS.) Page-aligned data, as a checkpoint's tensors are whenever their offset is."""
+    from jdelta.models.safetensors_io import materialise
+
+    file = tmp_path / "w.bin"
+    want = np.arange(64 * 64, dtype=np.float32).reshape(64, 64)
+    want.tofile(file)
+    source = np.memmap(file, dtype=np.float32, mode="r", shape=want.shape)
+    abstract = jax.ShapeDtypeStruct(want.shape, jnp.float32)
+    mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
+    sharded = jax.sharding.NamedSharding(mesh, P(None, None))
+    params = [materialise(abstract, source), materialise(abstract, source, sharded)]
+    np.zeros_like(want).tofile(file)  # same inode: the memory map now reads zeros
+    assert float(np.asarray(source).sum()) == 0.0
+    for x in params:
+        np.testing.assert_array_equal(np.asarray(x), want)
+    with open(file, "r+b") as f:
+        f.truncate(0)
+    assert [float(jnp.sum(x)) for x in params] == [float(want.sum())] * 2
+
+
 def test_save_is_atomic(ckpt, tmp_path, monkeypatch):
     """A save that fails part-way leaves no file under the real name (nor a stray .tmp)."""
     import jdelta.models.qwen3_vl.weights as w
