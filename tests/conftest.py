@@ -18,3 +18,21 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import gc  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_programs():
+    """Drop every compiled XLA program after each test module.
+
+    Each program compiled by XLA:CPU holds about three memory mappings (its machine code) for as
+    long as a cache keeps it; the suite compiles thousands, and past the kernel's
+    ``vm.max_map_count`` (65,530) the next ``mmap`` inside XLA's compiler fails and the process
+    dies with a segmentation fault (CI, 2026-11-28: at test 815 of 873, with ~60k mappings).
+    """
+    yield
+    jax.clear_caches()
+    gc.collect()

@@ -44,7 +44,9 @@ CONDITIONS: tuple[str, ...] = ("before", *RUNS, "teacher_hint", "student_hint")
 class Settings:
     """prompts: training prompts per seed. steps x batch prompts x rollouts: every run (ViCuR: one
     rollout per prompt, METHODS.md); learning_rate, temperature: every run. heldout_per_family,
-    eval_every: the held-out curves."""
+    eval_every: the held-out curves. pair: a ``jdelta toy-models`` output (None: the shipped pair;
+    ``configs/toy_v2.yaml`` makes the pair built for ViCuR: a hint-trained teacher, a two-layer
+    student)."""
 
     prompts: int = 128
     steps: int = 100
@@ -54,6 +56,7 @@ class Settings:
     temperature: float = 1.0
     heldout_per_family: int = 100
     eval_every: int = 25
+    pair: str | None = None
 
     def __post_init__(self):
         for name in ("prompts", "steps", "batch", "rollouts", "heldout_per_family", "eval_every"):
@@ -66,8 +69,9 @@ SMOKE: dict = {"prompts": 8, "steps": 2, "batch": 2, "heldout_per_family": 4, "e
 
 def describe(s: Settings) -> str:
     return "\n".join([
-        "ViCuR's ablation at toy scale: the shipped toy student trained five ways from the same weights on the "
-        "same prompts at an equal budget (`jdelta.distill.vicur`, `jdelta.models.cue_recovery`).", "",
+        f"ViCuR's ablation at toy scale: the student of {s.pair or 'the shipped toy pair'} trained five ways from "
+        "the same weights on the same prompts at an equal budget (`jdelta.distill.vicur`, "
+        "`jdelta.models.cue_recovery`); `shipped teacher` below is that pair's teacher.", "",
         "| condition | loss | teacher | teacher's prompt adds | cue-recovery module |", "|---|---|---|---|---|",
         *(f"| `{c}` | {'ViCuR (clipped sampled-token k1 advantage)' if r['mode'] == 'vicur' else 'reverse KL (OPD)'} | "
           f"{'shipped teacher' if r['teacher'] == 'shipped' else 'the student itself (initial weights)'} | "
@@ -75,12 +79,13 @@ def describe(s: Settings) -> str:
           f"{'yes' if r['cue_recovery'] else 'no'} |" for c, r in RUNS.items()),
         "",
         f"- prompts: {s.prompts} of the `distill` split per seed (seed k: its k-th slice), families in turn; "
-        "hints are the generator's evidence (bars' labels and values, the line's end points, the receipt's "
-        "items), never the answer itself;",
+        "hints are the pair's world's (`cues.hint`: world v1, the generator's evidence: bars' labels and values, "
+        "the line's end points, the receipt's items; world v2's `hints=evidence`: the bar labels from left to "
+        "right, the receipt's items, the line's point labels), never which item is the answer;",
         f"- budget: {s.steps} steps x {s.batch} prompts x {s.rollouts} rollout(s) (temperature {s.temperature:g}, "
-        f"up to 8 tokens) for every condition; AdamW lr {s.learning_rate:g} (betas 0.9/0.98, 5 warmup steps then "
+        f"up to 16 tokens) for every condition; AdamW lr {s.learning_rate:g} (betas 0.9/0.98, 5 warmup steps then "
         "constant, no weight decay, clip 1.0); ViCuR's clip 0.2/0.2, dual clip 3, k1 clamp 10 (METHODS.md); "
-        "module: after decoder layer 0 (the student's only layer), zero-output init;",
+        "module: after decoder layer 0 (read by the student's later layers, if it has any), zero-output init;",
         f"- measured: greedy exact-match held-out accuracy (%) on {s.heldout_per_family} records per family "
         f"(the seed's slice) every {s.eval_every} steps, plain question, no hint (the module, when present, "
         "runs at inference); `teacher_hint` / `student_hint`: the teacher's / untrained student's accuracy "
@@ -98,7 +103,7 @@ def hinted(records):
 def run_seed(s: Settings, seed: int, workdir: Path, log) -> C.SeedResult:
     from jdelta.toy.train import encode_records
 
-    pair = C.load_pair()
+    pair = C.load_pair(s.pair)
     fams = pair.families
     held_recs = C.heldout_records(pair, s.heldout_per_family, seed)
     heldout = C.encode(pair, held_recs)

@@ -49,7 +49,10 @@ class PairConfig:
     record's ViCuR hint (``[Hint]: ...``), so that the teacher can use one (ViCuR's privileged
     teacher); the student never sees hints. student_families: the families the student is
     trained on (None: all of the world's); a family left out is a skill the student lacks and
-    can learn from the teacher.
+    can learn from the teacher. teacher_init: a trained toy teacher directory (``"shipped"``: the
+    pair shipped with jdelta) to continue from instead of starting from scratch: a curriculum's
+    second phase (``teacher_train`` is then that phase), with that teacher's tokenizer and
+    size (``teacher`` must equal it).
     """
 
     world: WorldConfig = field(default_factory=WorldConfig)
@@ -66,6 +69,7 @@ class PairConfig:
     seed: int = 0
     teacher_hint_fraction: float = 0.0
     student_families: tuple[str, ...] | None = None
+    teacher_init: str | None = None
 
     def __post_init__(self):
         check(self.train_records >= len(self.world.families), "train_records",
@@ -83,6 +87,24 @@ class PairConfig:
             check(not unknown and len(self.student_families) >= 1, "student_families",
                   f"must name at least one of the world's families {list(self.world.names)}, got "
                   f"{list(self.student_families)}")
+
+
+def teacher_init_dir(cfg: PairConfig) -> Path | None:
+    """The directory of ``cfg.teacher_init`` (``"shipped"``: the shipped teacher), checked to be a
+    trained toy model of ``cfg.teacher``'s size."""
+    from jdelta.errors import UserError
+    from jdelta.toy import trained_pair
+
+    if cfg.teacher_init is None:
+        return None
+    path = trained_pair()[0] if cfg.teacher_init == "shipped" else Path(cfg.teacher_init)
+    if not (path / TOY_FILE).is_file():
+        raise UserError(f"config key 'pair.teacher_init': {path} is not a trained toy model (no {TOY_FILE})")
+    size = json.loads((path / TOY_FILE).read_text()).get("size")
+    if size != to_dict(cfg.teacher):
+        raise UserError(f"config key 'pair.teacher_init': {path} is a teacher of size {size}, but pair.teacher is "
+                        f"{to_dict(cfg.teacher)}")
+    return path
 
 
 def hinted_rows(n: int, fraction: float, seed: int) -> np.ndarray:
@@ -158,8 +180,12 @@ def build_pair(cfg: PairConfig, out: str | os.PathLike, *, log: Callable[[str], 
 
     t0, c0 = time.perf_counter(), time.process_time()
     tok_dir = out / "tokenizer"
+    init_dir = teacher_init_dir(cfg)
     if not (tok_dir / "tokenizer.json").is_file():
-        build_demo_tokenizer(tok_dir, answer_corpus(cfg.world), vocab_size=cfg.vocab_size)
+        if init_dir is not None:  # the starting teacher's tokenizer, unchanged
+            load_tokenizer(init_dir).save_pretrained(str(tok_dir))
+        else:
+            build_demo_tokenizer(tok_dir, answer_corpus(cfg.world), vocab_size=cfg.vocab_size)
     tokenizer = load_tokenizer(tok_dir)
     if commit is not None:
         commit()
@@ -197,8 +223,12 @@ def build_pair(cfg: PairConfig, out: str | os.PathLike, *, log: Callable[[str], 
         def progress(step: int, loss: float, seconds: float, role=role, settings=settings) -> None:
             log(f"  {role} step {step}/{settings.steps} loss {loss:.3f} ({seconds:.0f} s)")
 
+        start = init_info = None
+        if role == "teacher" and init_dir is not None:
+            init_info = {k: v for k, v in json.loads((init_dir / TOY_FILE).read_text()).items() if k != "loss_curve"}
+            start = load_hf_checkpoint(init_dir, vision_max_frame_patches=int(np.prod(train.grid)))[0]
         model, losses = train_model(mcfg, train, settings, family_weights=weights, log=progress,
-                                    log_every=max(1, settings.steps // 10))
+                                    log_every=max(1, settings.steps // 10), start=start)
         clock(role, t1, c1)
         every = max(1, settings.steps // 50)
         curve = [[i + every, float(losses[i: i + every].mean())] for i in range(0, settings.steps, every)]
@@ -207,6 +237,7 @@ def build_pair(cfg: PairConfig, out: str | os.PathLike, *, log: Callable[[str], 
                 "train_records": cfg.train_records, "training_rows": len(train),
                 "families": sorted(set(train.families)),
                 "hint_fraction": cfg.teacher_hint_fraction if role == "teacher" else 0.0,
+                "continued_from": None if start is None else {"path": str(init_dir), "toy": init_info},
                 "loss_curve": curve, "seconds": timing[role],
                 "image": to_dict(image_config(cfg.world.width, cfg.world.height)),
                 "made_by": "jdelta toy-models (jdelta.toy.build.build_pair)"}

@@ -383,15 +383,26 @@ def training_config(config, enc: Encoded):
 
 
 def train_model(config, enc: Encoded, settings: TrainSettings, *, family_weights: dict[str, int] | None = None,
-                log: Callable[[int, float, float], None] | None = None, log_every: int = 50):
-    """Train a fresh model on all rows of ``enc``; returns ``(model, losses [steps])``.
+                log: Callable[[int, float, float], None] | None = None, log_every: int = 50, start=None):
+    """Train a model on all rows of ``enc``; returns ``(model, losses [steps])``.
 
-    Rows are visited in seeded random epochs (each row once per epoch). ``log(step, mean loss
-    over the last log_every steps, seconds so far)`` is called every ``log_every`` steps.
+    ``start``: a model to continue training (a curriculum's second phase; its config must equal
+    ``config`` up to the vision attention blocking; its parameters are not modified), else a fresh one from ``settings.seed``
+    (:func:`init_model`). Rows are visited in seeded random epochs (each row once per epoch).
+    ``log(step, mean loss over the last log_every steps, seconds so far)`` is called every
+    ``log_every`` steps.
     """
     config = training_config(config, enc)
-    model = init_model(config, settings.seed, head_scale=settings.head_scale, residual_scale=settings.residual_scale,
-                       blank_patch_zero=settings.blank_patch_zero, embed_scale=settings.embed_scale)
+    if start is None:
+        model = init_model(config, settings.seed, head_scale=settings.head_scale,
+                           residual_scale=settings.residual_scale, blank_patch_zero=settings.blank_patch_zero,
+                           embed_scale=settings.embed_scale)
+    else:
+        if training_config(start.config, enc) != config:
+            raise ValueError("train_model: the starting model's config differs from the one to train")
+        from jdelta.models.qwen3_vl.weights import abstract_model
+
+        model = nnx.merge(nnx.graphdef(abstract_model(config)), nnx.state(start))
     opt = make_optimizer(OptimizerConfig(
         learning_rate=settings.learning_rate, b1=settings.b1, b2=settings.b2, weight_decay=settings.weight_decay,
         schedule="cosine", warmup_steps=settings.warmup_steps, end_lr_fraction=0.05, clip_norm=1.0,

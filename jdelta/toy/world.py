@@ -16,7 +16,7 @@ measures it (the teacher's accuracy on pixelated images, per family).
 World v2 options (tried, not yet the shipped pair: docs/toy_world.md, runs 23-33):
 ``answer_style="reasoned"`` makes answers several tokens long, with the line ``Answer: X`` that
 :func:`jdelta.answers.extract_answer` reads; the bar families name the label (fine detail), then
-say where the bar is (``bar 3 of 4``), so the tokens of one answer differ in how much they need
+say where the bar is (``bar 3 of 4``; ``"placed"``: the other way round), so the tokens of one answer differ in how much they need
 the image and later tokens depend on the sampled label (what VA-OPD's token groups and rollout
 weights act on). ``hints="evidence"`` puts the toy's ViCuR hint (:func:`toy_hint`: the evidence in
 words a small model can use, never which item is the answer) in ``cues.hint``. Every record
@@ -81,7 +81,7 @@ class WorldConfig:
     width: int = 128
     height: int = 96
     seed: int = 0
-    answer_style: Literal["short", "reasoned"] = "short"
+    answer_style: Literal["short", "reasoned", "placed"] = "short"
     hints: Literal["generator", "evidence"] = "generator"
 
     def __post_init__(self):
@@ -91,8 +91,8 @@ class WorldConfig:
         for name in ("width", "height"):
             v = getattr(self, name)
             check(v >= 64 and v % 32 == 0, name, f"must be a multiple of 32 and >= 64, got {v}")
-        check(self.answer_style in ("short", "reasoned"), "answer_style",
-              f"must be 'short' or 'reasoned', got {self.answer_style!r}")
+        check(self.answer_style in ("short", "reasoned", "placed"), "answer_style",
+              f"must be 'short', 'reasoned' or 'placed', got {self.answer_style!r}")
         check(self.hints in ("generator", "evidence"), "hints", f"must be 'generator' or 'evidence', got {self.hints!r}")
 
     @property
@@ -119,14 +119,18 @@ def split_seed(world: WorldConfig, split: str) -> int:
 
 def reference_completion(record: PromptRecord, style: str = "reasoned") -> str:
     """The completion a toy model is trained to write for ``record``: ``"short"``: the answer;
-    ``"reasoned"``: for argmax/argmin on bars ``"bar K of N\nAnswer: X"`` (K counted from the left),
-    for other families ``"Answer: X"``."""
+    ``"reasoned"``: for argmax/argmin on bars ``"Answer: X\nbar K of N"`` (the label, then where
+    its bar is, K counted from the left), ``"placed"``: the place first, ``"bar K of N\nAnswer: X"``
+    (find the bar, then name it: the order in which a list of labels in a hint can be used); for
+    other families ``"Answer: X"``."""
     if style == "short":
         return record.answer or ""
     data = record.meta.get("data", {})
     if record.family in ("argmax", "argmin") and record.meta.get("kind") == "bar":
         values = data["values"]
         k = int(np.argmax(values) if record.family == "argmax" else np.argmin(values)) + 1
+        if style == "placed":
+            return f"bar {k} of {len(values)}\nAnswer: {record.answer}"
         return f"Answer: {record.answer}\nbar {k} of {len(values)}"
     return f"Answer: {record.answer}"
 

@@ -5,6 +5,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from jdelta.cli import main
 from jdelta.config import build
@@ -96,6 +97,30 @@ def test_toy_models_stage_is_deterministic(tmp_path):
     assert (tmp_path / "a" / "teacher" / "model.safetensors").stat().st_mtime_ns == mtime
     with pytest.raises(Exception, match="pair.seed"):
         _stage(tmp_path / "a", tiny_pair(seed=2))
+    # A second phase continues the given teacher (its tokenizer, its weights) instead of a fresh one:
+    # at a vanishing learning rate the continued teacher is the starting one.
+    import dataclasses
+
+    from jdelta.errors import UserError
+    from jdelta.models.qwen3_vl.weights import load_hf_checkpoint
+
+    slow = TrainSettings(steps=1, batch_size=4, warmup_steps=0, learning_rate=1e-12)
+    cont = dataclasses.replace(tiny_pair(seed=1), teacher_init=str(tmp_path / "a" / "teacher"), teacher_train=slow)
+    assert _stage(tmp_path / "d", cont) == 0
+    params = [{p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(m, nnx.Param))}
+              for m in (load_hf_checkpoint(tmp_path / d / "teacher")[0] for d in ("a", "d", "c"))]
+    start, continued, fresh = params  # fresh: seed 1 from scratch
+    for path, value in start.items():
+        np.testing.assert_allclose(continued[path], value, atol=1e-6, err_msg=str(path))
+    assert any(not np.allclose(fresh[p], v) for p, v in start.items())
+    assert (tmp_path / "d" / "tokenizer" / "tokenizer.json").read_bytes() == \
+        (tmp_path / "a" / "tokenizer" / "tokenizer.json").read_bytes()
+    info = json.loads((tmp_path / "d" / "teacher" / "toy.json").read_text())
+    assert info["continued_from"]["path"] == str(tmp_path / "a" / "teacher")
+    assert info["continued_from"]["toy"]["train"]["steps"] == 3
+    bigger = dataclasses.replace(cont, teacher=ModelSize(hidden=32, layers=1, intermediate=32, vision_hidden=8))
+    with pytest.raises(UserError, match=r"config key 'pair.teacher_init': .* is a teacher of size"):
+        _stage(tmp_path / "e", bigger)
 
 
 def test_toy_models_cli_errors(capsys):
@@ -138,10 +163,12 @@ def test_reasoned_completions_and_hints():
             vals = data["values"]
             k = (np.argmax(vals) if r.family == "argmax" else np.argmin(vals)) + 1
             assert comp == f"Answer: {r.answer}\nbar {k} of {len(vals)}"
+            assert reference_completion(r, "placed") == f"bar {k} of {len(vals)}\nAnswer: {r.answer}"
+            assert extract_answer(reference_completion(r, "placed")) == r.answer
             assert data["labels"][k - 1] == r.answer
             assert r.cues.hint == "the bars from left to right are labelled " + ", ".join(f"'{x}'" for x in data["labels"])
         else:
-            assert comp == f"Answer: {r.answer}"
+            assert comp == f"Answer: {r.answer}" == reference_completion(r, "placed")
         assert r.cues.hint == toy_hint(r) and r.cues.hint
         assert reference_completion(r, "short") == r.answer
     short = world_records(WorldConfig(families=world.families), "train", 16)  # world v1: the defaults
@@ -153,7 +180,7 @@ def test_reasoned_completions_and_hints():
     assert short[0].cues.hint == first.cues.hint  # v1 keeps the generator's hint
     with pytest.raises(ValueError, match="hints: must be 'generator' or 'evidence'"):
         WorldConfig(hints="some")
-    with pytest.raises(ValueError, match="answer_style: must be 'short' or 'reasoned'"):
+    with pytest.raises(ValueError, match="answer_style: must be 'short', 'reasoned' or 'placed'"):
         WorldConfig(answer_style="long")
 
 
