@@ -21,10 +21,15 @@ from jdelta.errors import UserError
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 
+SHIPPED = {"v1": WEIGHTS_DIR, "v2": WEIGHTS_DIR / "v2"}
+"""The shipped pairs: ``v1`` (the default; ``jdelta demo``), ``v2`` (``configs/toy_v2.yaml``: a
+hint-trained teacher with multi-token answers and a two-layer student; VA-OPD and ViCuR)."""
+
+
 def trained_pair(root: str | Path | None = None) -> tuple[Path, Path]:
     """``(teacher_dir, student_dir)`` of a trained toy pair: ``root`` (a ``jdelta toy-models`` output
-    directory) or, by default, the pair shipped with jdelta."""
-    base = Path(root) if root is not None else WEIGHTS_DIR
+    directory, or the name of a shipped pair, :data:`SHIPPED`) or, by default, the shipped v1 pair."""
+    base = SHIPPED["v1"] if root is None else SHIPPED.get(str(root), Path(root))
     dirs = (base / "teacher", base / "student")
     for d in dirs:
         if not (d / "toy.json").is_file() or not (d / "config.json").is_file():
@@ -38,4 +43,4 @@ def toy_info(model_dir: str | Path) -> dict:
     return json.loads((Path(model_dir) / "toy.json").read_text())
 
 
-__all__ = ["WEIGHTS_DIR", "toy_info", "trained_pair"]
+__all__ = ["SHIPPED", "WEIGHTS_DIR", "toy_info", "trained_pair"]

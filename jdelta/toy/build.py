@@ -237,7 +237,8 @@ def build_pair(cfg: PairConfig, out: str | os.PathLike, *, log: Callable[[str], 
                 "train_records": cfg.train_records, "training_rows": len(train),
                 "families": sorted(set(train.families)),
                 "hint_fraction": cfg.teacher_hint_fraction if role == "teacher" else 0.0,
-                "continued_from": None if start is None else {"path": str(init_dir), "toy": init_info},
+                "continued_from": None if start is None else {
+                    "path": "shipped" if cfg.teacher_init == "shipped" else str(init_dir), "toy": init_info},
                 "loss_curve": curve, "seconds": timing[role],
                 "image": to_dict(image_config(cfg.world.width, cfg.world.height)),
                 "made_by": "jdelta toy-models (jdelta.toy.build.build_pair)"}
