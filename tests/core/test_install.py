@@ -58,9 +58,11 @@ def test_wheel_install_runs_from_another_directory(tmp_path):
     for shipped in ("distill_demo.yaml", "pipeline_demo.yaml", "meshes/cpu-8.yaml"):
         assert (site / "jdelta" / "configs" / shipped).is_file(), shipped
 
-    for role in ("teacher", "student"):  # the trained toy pair ships as package data
-        for name in ("config.json", "model.safetensors", "tokenizer.json", "toy.json"):
-            assert (site / "jdelta" / "toy" / "weights" / role / name).is_file(), (role, name)
+    for pair in ("", "v2"):  # the trained toy pairs ship as package data
+        for role in ("teacher", "student"):
+            for name in ("config.json", "model.safetensors", "tokenizer.json", "toy.json"):
+                assert (site / "jdelta" / "toy" / "weights" / pair / role / name).is_file(), (pair, role, name)
+    assert (site / "jdelta" / "toy" / "weights" / "v2" / "report.md").is_file()
     run([jdelta_cli, "demo", "--out", "D", "--n-prompts", "4", "--heldout-per-family", "2", "--n", "2",
          "--max-new-tokens", "4", "--distill-steps", "1", "--no-progress"], elsewhere)
     summary = json.loads((elsewhere / "D" / "summary.json").read_text())

@@ -2,6 +2,7 @@
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,6 +146,31 @@ def test_shipped_pair_meets_the_world_targets():
     assert checks["fine_hurt_more"], checks
     size = sum(p.stat().st_size for p in teacher.parent.rglob("*") if p.is_file())
     assert size < 25 * 2**20
+
+
+def test_shipped_v2_pair_is_the_curriculum_of_v1():
+    """The shipped v2 pair (configs/toy_v2.yaml) is found by name, continues the shipped v1 teacher
+    on world v2, and its recorded held-out metrics show what it was built for: the teacher reads
+    (and the hint helps it on the bar families), the student lacks argmin."""
+    from jdelta.config import build, read_yaml
+    from jdelta.stages.toy_models import Config
+    from jdelta.toy import SHIPPED, toy_info, trained_pair
+
+    teacher, student = trained_pair("v2")
+    assert teacher.parent == SHIPPED["v2"] != SHIPPED["v1"] == trained_pair()[0].parent
+    info = toy_info(teacher)
+    cfg = build(Config, {**read_yaml(Path(__file__).resolve().parents[2] / "configs" / "toy_v2.yaml"), "out": "x"})
+    assert info["continued_from"]["path"] == cfg.pair.teacher_init == "shipped"
+    assert info["continued_from"]["toy"]["train"] == toy_info(trained_pair()[0])["train"]
+    assert info["world"]["answer_style"] == cfg.pair.world.answer_style == "placed"
+    assert info["train"]["steps"] == cfg.pair.teacher_train.steps
+    assert toy_info(student)["families"] == sorted(cfg.pair.student_families) and "argmin" not in toy_info(student)["families"]
+    m = json.loads((SHIPPED["v2"] / "metrics.json").read_text())
+    acc = lambda role, key, f: m[role][key][f]["accuracy"]  # noqa: E731
+    for f in ("argmax", "argmin"):
+        assert acc("teacher", "hint_accuracy", f) > acc("teacher", "accuracy", f) >= 0.7
+        assert acc("teacher", "pixelated_accuracy", f) < 0.3
+    assert acc("student", "accuracy", "argmin") < 0.2
 
 
 def test_reasoned_completions_and_hints():
