@@ -1,7 +1,7 @@
 """Experiment 5 (VA-OPD): visual-advantage on-policy distillation against plain OPD.
 
 Per seed ``k``: ``prompts`` training prompts from the world's ``distill`` split (its k-th slice,
-all families in turn). The shipped student is distilled twice from the same initial weights, with
+all families in turn). The pair's student is distilled twice from the same initial weights, with
 the same prompts, seed and step budget:
 
 * ``opd``: standard OPD (reverse KL, token mean per response, mean over responses);
@@ -40,7 +40,8 @@ class Settings:
     family (accuracy and visual reliance). kl_per_family: held-out prompts per family for the reverse
     KL. steps / batch / rollouts / learning_rate / temperature / top_p / max_new_tokens: each
     distillation. va_lambda / va_tau / va_high_fraction: VA-OPD's λ, τ and high-group fraction.
-    eval_every: steps between evaluations. pair: a ``jdelta toy-models`` output (None: shipped)."""
+    eval_every: steps between evaluations. pair: a ``jdelta toy-models`` output or a shipped pair's name (default ``v2``:
+    multi-token answers, so VA-OPD's token groups and rollout weights act; None: v1)."""
 
     prompts: int = 128
     heldout_per_family: int = 100
@@ -56,7 +57,7 @@ class Settings:
     va_tau: float = 1.0
     va_high_fraction: float = 0.2
     eval_every: int = 25
-    pair: str | None = None
+    pair: str | None = "v2"
 
     def __post_init__(self):
         for name in ("prompts", "heldout_per_family", "kl_per_family", "steps", "batch", "rollouts",
@@ -86,7 +87,7 @@ reverse KL; each distillation: {s.steps} steps x {s.batch} prompts x {s.rollouts
 {s.temperature}, top-p {s.top_p}, up to {s.max_new_tokens} tokens), AdamW lr {s.learning_rate} (betas
 0.9/0.95, weight decay {d.weight_decay}, cosine with {int(100 * d.warmup_fraction)}% warmup, clip 1.0);
 VA-OPD λ = {s.va_lambda}, τ = {s.va_tau}, high group {s.va_high_fraction}; evaluation every
-{s.eval_every} steps. Pair: {s.pair or "the shipped toy pair"}. Accuracies in %, reliance and
+{s.eval_every} steps. Pair: {s.pair or "v1"} (`jdelta.toy.trained_pair`). Accuracies in %, reliance and
 reverse KL in nats per token. Reference rows: `student_before`, `teacher` (as shipped, same held-out
 records).
 """

@@ -44,9 +44,8 @@ CONDITIONS: tuple[str, ...] = ("before", *RUNS, "teacher_hint", "student_hint")
 class Settings:
     """prompts: training prompts per seed. steps x batch prompts x rollouts: every run (ViCuR: one
     rollout per prompt, METHODS.md); learning_rate, temperature: every run. heldout_per_family,
-    eval_every: the held-out curves. pair: a ``jdelta toy-models`` output (None: the shipped pair;
-    ``configs/toy_v2.yaml`` makes the pair built for ViCuR: a hint-trained teacher, a two-layer
-    student)."""
+    eval_every: the held-out curves. pair: a ``jdelta toy-models`` output or a shipped pair's name (default ``v2``, built
+    for ViCuR by ``configs/toy_v2.yaml``: a hint-trained teacher, a two-layer student; None: v1)."""
 
     prompts: int = 128
     steps: int = 100
@@ -56,7 +55,7 @@ class Settings:
     temperature: float = 1.0
     heldout_per_family: int = 100
     eval_every: int = 25
-    pair: str | None = None
+    pair: str | None = "v2"
 
     def __post_init__(self):
         for name in ("prompts", "steps", "batch", "rollouts", "heldout_per_family", "eval_every"):
@@ -69,7 +68,7 @@ SMOKE: dict = {"prompts": 8, "steps": 2, "batch": 2, "heldout_per_family": 4, "e
 
 def describe(s: Settings) -> str:
     return "\n".join([
-        f"ViCuR's ablation at toy scale: the student of {s.pair or 'the shipped toy pair'} trained five ways from "
+        f"ViCuR's ablation at toy scale: the student of pair {s.pair or 'v1'} trained five ways from "
         "the same weights on the same prompts at an equal budget (`jdelta.distill.vicur`, "
         "`jdelta.models.cue_recovery`); `shipped teacher` below is that pair's teacher.", "",
         "| condition | loss | teacher | teacher's prompt adds | cue-recovery module |", "|---|---|---|---|---|",
