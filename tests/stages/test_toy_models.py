@@ -77,51 +77,53 @@ def _stage(out, pair: PairConfig) -> int:
 
 
 def test_toy_models_stage_is_deterministic(tmp_path):
-    """Retraining with the same seed gives the same weights, byte for byte; another seed does not."""
+    """Retraining with the same seed gives the same weights, byte for byte; another seed does not;
+    ``teacher_init`` continues the given teacher (its tokenizer and weights) instead of a fresh one."""
+    import dataclasses
+
+    from jdelta.errors import UserError
+    from jdelta.models.qwen3_vl.weights import load_hf_checkpoint
+
     assert _stage(tmp_path / "a", tiny_pair(seed=0)) == 0
     assert _stage(tmp_path / "b", tiny_pair(seed=0)) == 0
-    assert _stage(tmp_path / "c", tiny_pair(seed=1)) == 0
+    # seed 1, its teacher continued from a's at a vanishing learning rate (so: a's teacher again)
+    slow = TrainSettings(steps=1, batch_size=4, warmup_steps=0, learning_rate=1e-12)
+    cont = dataclasses.replace(tiny_pair(seed=1), teacher_init=str(tmp_path / "a" / "teacher"), teacher_train=slow)
+    assert _stage(tmp_path / "c", cont) == 0
     for role in ("teacher", "student"):
         a = (tmp_path / "a" / role / "model.safetensors").read_bytes()
         assert a == (tmp_path / "b" / role / "model.safetensors").read_bytes()
-        assert a != (tmp_path / "c" / role / "model.safetensors").read_bytes()
+        if role == "student":  # another seed (c's teacher is a's, continued: below)
+            assert a != (tmp_path / "c" / role / "model.safetensors").read_bytes()
         info = json.loads((tmp_path / "a" / role / "toy.json").read_text())
         assert info["role"] == role and info["train"]["steps"] == 3 and len(info["loss_curve"]) == 3
         assert (tmp_path / "a" / role / "tokenizer.json").is_file()
+        assert info["continued_from"] is None
     metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert set(metrics["teacher"]["accuracy"]) == {"trend", "argmax", "all"}
     assert metrics["teacher"]["accuracy"]["all"]["n"] == 4
     assert "targets" in metrics and "| trend (line, level 1) | coarse |" in (tmp_path / "a" / "report.md").read_text()
+    params = {(d, r): {p: np.asarray(v.get_value()) for p, v in
+                       nnx.to_flat_state(nnx.state(load_hf_checkpoint(tmp_path / d / r)[0], nnx.Param))}
+              for d, r in (("a", "teacher"), ("c", "teacher"), ("c", "student"))}
+    for path, value in params["a", "teacher"].items():
+        np.testing.assert_allclose(params["c", "teacher"][path], value, atol=1e-6, err_msg=str(path))
+    # (the same size, fresh from another seed: far from a's teacher)
+    assert any(not np.allclose(params["c", "student"][p], v) for p, v in params["a", "teacher"].items())
+    assert (tmp_path / "c" / "tokenizer" / "tokenizer.json").read_bytes() == \
+        (tmp_path / "a" / "tokenizer" / "tokenizer.json").read_bytes()
+    info = json.loads((tmp_path / "c" / "teacher" / "toy.json").read_text())
+    assert info["continued_from"]["path"] == str(tmp_path / "a" / "teacher")
+    assert info["continued_from"]["toy"]["train"]["steps"] == 3
+    bigger = dataclasses.replace(cont, teacher=ModelSize(hidden=32, layers=1, intermediate=32, vision_hidden=8))
+    with pytest.raises(UserError, match=r"config key 'pair.teacher_init': .* is a teacher of size"):
+        _stage(tmp_path / "e", bigger)
     # a rerun keeps the trained models; other settings are refused naming the key
     mtime = (tmp_path / "a" / "teacher" / "model.safetensors").stat().st_mtime_ns
     assert _stage(tmp_path / "a", tiny_pair(seed=0)) == 0
     assert (tmp_path / "a" / "teacher" / "model.safetensors").stat().st_mtime_ns == mtime
     with pytest.raises(Exception, match="pair.seed"):
         _stage(tmp_path / "a", tiny_pair(seed=2))
-    # A second phase continues the given teacher (its tokenizer, its weights) instead of a fresh one:
-    # at a vanishing learning rate the continued teacher is the starting one.
-    import dataclasses
-
-    from jdelta.errors import UserError
-    from jdelta.models.qwen3_vl.weights import load_hf_checkpoint
-
-    slow = TrainSettings(steps=1, batch_size=4, warmup_steps=0, learning_rate=1e-12)
-    cont = dataclasses.replace(tiny_pair(seed=1), teacher_init=str(tmp_path / "a" / "teacher"), teacher_train=slow)
-    assert _stage(tmp_path / "d", cont) == 0
-    params = [{p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(m, nnx.Param))}
-              for m in (load_hf_checkpoint(tmp_path / d / "teacher")[0] for d in ("a", "d", "c"))]
-    start, continued, fresh = params  # fresh: seed 1 from scratch
-    for path, value in start.items():
-        np.testing.assert_allclose(continued[path], value, atol=1e-6, err_msg=str(path))
-    assert any(not np.allclose(fresh[p], v) for p, v in start.items())
-    assert (tmp_path / "d" / "tokenizer" / "tokenizer.json").read_bytes() == \
-        (tmp_path / "a" / "tokenizer" / "tokenizer.json").read_bytes()
-    info = json.loads((tmp_path / "d" / "teacher" / "toy.json").read_text())
-    assert info["continued_from"]["path"] == str(tmp_path / "a" / "teacher")
-    assert info["continued_from"]["toy"]["train"]["steps"] == 3
-    bigger = dataclasses.replace(cont, teacher=ModelSize(hidden=32, layers=1, intermediate=32, vision_hidden=8))
-    with pytest.raises(UserError, match=r"config key 'pair.teacher_init': .* is a teacher of size"):
-        _stage(tmp_path / "e", bigger)
 
 
 def test_toy_models_cli_errors(capsys):
