@@ -12,6 +12,20 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+# A persistent compilation cache for this test process only (a fresh directory, removed at exit):
+# the same programs are compiled again and again across tests (new jitted closures, and every
+# module's programs dropped below), and a hit loads the compiled program instead of running
+# XLA's compiler again (a smoke experiment: 12-27% less time in two alternated pairs).
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+_XLA_CACHE = tempfile.mkdtemp(prefix="jdelta-test-xla-cache-")
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
 # Tests are grouped by package (tests/core, tests/data, ...); the shared harness modules
 # (qwen3_vl_tiny, gemma3_tiny, distill_pair, ...) stay in tests/ and are imported by name.
 import sys  # noqa: E402
