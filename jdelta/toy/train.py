@@ -387,8 +387,8 @@ def train_model(config, enc: Encoded, settings: TrainSettings, *, family_weights
     """Train a model on all rows of ``enc``; returns ``(model, losses [steps])``.
 
     ``start``: a model to continue training (a curriculum's second phase; its config must equal
-    ``config`` up to the vision attention blocking; its parameters are not modified), else a fresh one from ``settings.seed``
-    (:func:`init_model`). Rows are visited in seeded random epochs (each row once per epoch).
+    ``config`` up to the vision attention blocking; its parameters are not modified), else a
+    fresh one from ``settings.seed`` (:func:`init_model`). Rows are visited in seeded random epochs (each row once per epoch).
     ``log(step, mean loss over the last log_every steps, seconds so far)`` is called every
     ``log_every`` steps.
     """
