@@ -35,7 +35,6 @@ import numpy as np
 
 from jdelta.config import check
 from jdelta.data.charts import FAMILY_KINDS, GeneratorConfig, generate_record
-from jdelta.data.chat import with_hint
 from jdelta.data.records import Cues, PromptRecord
 
 SPLITS: dict[str, int] = {"train": 0, "heldout": 1, "seeds": 2, "distill": 3}
@@ -173,11 +172,16 @@ def world_records(world: WorldConfig, split: str, n: int, *, start: int = 0,
 
 def answer_corpus(world: WorldConfig, n: int = 400) -> list[str]:
     """Text for the world's tokenizer: questions and answers of ``n`` training records per family
-    (only the train split, so the tokenizer never saw a held-out answer it would not see anyway)."""
+    (only the train split, so the tokenizer never saw a held-out answer it would not see anyway),
+    and each record's hint text as it stands in ``cues.hint``.
+
+    Kept as the shipped v1 pair was made (the hint text alone, not the ``[Hint]:`` block): a
+    different corpus gives a different BPE, token ids and trained weights, and ``jdelta
+    toy-models`` with the defaults must rebuild the shipped pair byte for byte."""
     text: list[str] = ["user", "assistant", "system"] * 50  # the chat template's role names
     for r in world_records(world, "train", n * len(world.families)):
         text.append(r.question)
         text.append(r.meta["completion"])
         if r.cues is not None:
-            text.append(with_hint("", r.cues.hint))
+            text.append(r.cues.hint)
     return text

@@ -150,6 +150,19 @@ def test_shipped_pair_meets_the_world_targets():
     assert size < 25 * 2**20
 
 
+def test_default_world_rebuilds_the_shipped_tokenizer(tmp_path):
+    """``jdelta toy-models`` with the defaults starts from the shipped pair's tokenizer, byte for byte
+    (a change to the corpus changes every token id and so every trained weight: the defaults
+    would no longer rebuild the shipped pair)."""
+    from jdelta.data.tokenizer import build_demo_tokenizer
+    from jdelta.toy import trained_pair
+    from jdelta.toy.world import answer_corpus
+
+    cfg = PairConfig()
+    build_demo_tokenizer(tmp_path, answer_corpus(cfg.world), vocab_size=cfg.vocab_size)
+    assert (tmp_path / "tokenizer.json").read_bytes() == (trained_pair()[0] / "tokenizer.json").read_bytes()
+
+
 def test_shipped_v2_pair_is_the_curriculum_of_v1():
     """The shipped v2 pair (configs/toy_v2.yaml) is found by name, continues the shipped v1 teacher
     on world v2, and its recorded held-out metrics show what it was built for: the teacher reads
