@@ -89,9 +89,9 @@ class PairConfig:
                   f"{list(self.student_families)}")
 
 
-def teacher_init_dir(cfg: PairConfig) -> Path | None:
-    """The directory of ``cfg.teacher_init`` (``"shipped"``: the shipped teacher), checked to be a
-    trained toy model of ``cfg.teacher``'s size."""
+def teacher_init_dir(cfg: PairConfig) -> tuple[Path, dict] | None:
+    """``(directory, toy.json)`` of ``cfg.teacher_init`` (``"shipped"``: the shipped teacher),
+    checked to be a trained toy model of ``cfg.teacher``'s size."""
     from jdelta.errors import UserError
     from jdelta.toy import trained_pair
 
@@ -100,11 +100,12 @@ def teacher_init_dir(cfg: PairConfig) -> Path | None:
     path = trained_pair()[0] if cfg.teacher_init == "shipped" else Path(cfg.teacher_init)
     if not (path / TOY_FILE).is_file():
         raise UserError(f"config key 'pair.teacher_init': {path} is not a trained toy model (no {TOY_FILE})")
-    size = json.loads((path / TOY_FILE).read_text()).get("size")
+    info = json.loads((path / TOY_FILE).read_text())
+    size = info.get("size")
     if size != to_dict(cfg.teacher):
         raise UserError(f"config key 'pair.teacher_init': {path} is a teacher of size {size}, but pair.teacher is "
                         f"{to_dict(cfg.teacher)}")
-    return path
+    return path, info
 
 
 def hinted_rows(n: int, fraction: float, seed: int) -> np.ndarray:
@@ -180,7 +181,8 @@ def build_pair(cfg: PairConfig, out: str | os.PathLike, *, log: Callable[[str], 
 
     t0, c0 = time.perf_counter(), time.process_time()
     tok_dir = out / "tokenizer"
-    init_dir = teacher_init_dir(cfg)
+    init = teacher_init_dir(cfg)
+    init_dir = None if init is None else init[0]
     if not (tok_dir / "tokenizer.json").is_file():
         if init_dir is not None:  # the starting teacher's tokenizer, unchanged
             load_tokenizer(init_dir).save_pretrained(str(tok_dir))
@@ -225,7 +227,7 @@ def build_pair(cfg: PairConfig, out: str | os.PathLike, *, log: Callable[[str], 
 
         start = init_info = None
         if role == "teacher" and init_dir is not None:
-            init_info = {k: v for k, v in json.loads((init_dir / TOY_FILE).read_text()).items() if k != "loss_curve"}
+            init_info = {k: v for k, v in init[1].items() if k != "loss_curve"}
             start = load_hf_checkpoint(init_dir, vision_max_frame_patches=int(np.prod(train.grid)))[0]
         model, losses = train_model(mcfg, train, settings, family_weights=weights, log=progress,
                                     log_every=max(1, settings.steps // 10), start=start)

@@ -388,9 +388,9 @@ def train_model(config, enc: Encoded, settings: TrainSettings, *, family_weights
 
     ``start``: a model to continue training (a curriculum's second phase; its config must equal
     ``config`` up to the vision attention blocking; its parameters are not modified), else a
-    fresh one from ``settings.seed`` (:func:`init_model`). Rows are visited in seeded random epochs (each row once per epoch).
-    ``log(step, mean loss over the last log_every steps, seconds so far)`` is called every
-    ``log_every`` steps.
+    fresh one from ``settings.seed`` (:func:`init_model`). Rows are visited in seeded random
+    epochs (each row once per epoch). ``log(step, mean loss over the last log_every steps,
+    seconds so far)`` is called every ``log_every`` steps.
     """
     config = training_config(config, enc)
     if start is None:
