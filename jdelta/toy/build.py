@@ -49,8 +49,9 @@ class PairConfig:
     record's ViCuR hint (``[Hint]: ...``), so that the teacher can use one (ViCuR's privileged
     teacher); the student never sees hints. student_families: the families the student is
     trained on (None: all of the world's); a family left out is a skill the student lacks and
-    can learn from the teacher. teacher_init: a trained toy teacher directory (``"shipped"``: the
-    pair shipped with jdelta) to continue from instead of starting from scratch: a curriculum's
+    can learn from the teacher. teacher_init: a trained toy teacher to continue from instead of
+    starting from scratch, a ``jdelta toy-models`` output directory or a shipped pair's name
+    (``v1``, ``v2``; ``"shipped"``: ``v1``, as world v2's metrics record it): a curriculum's
     second phase (``teacher_train`` is then that phase), with that teacher's tokenizer and
     size (``teacher`` must equal it).
     """
@@ -90,14 +91,15 @@ class PairConfig:
 
 
 def teacher_init_dir(cfg: PairConfig) -> tuple[Path, dict] | None:
-    """``(directory, toy.json)`` of ``cfg.teacher_init`` (``"shipped"``: the shipped teacher),
-    checked to be a trained toy model of ``cfg.teacher``'s size."""
+    """``(directory, toy.json)`` of ``cfg.teacher_init`` (a directory, a shipped pair's name or
+    ``"shipped"`` = ``v1``: that pair's teacher), checked to be a trained toy model of ``cfg.teacher``'s size."""
     from jdelta.errors import UserError
-    from jdelta.toy import trained_pair
+    from jdelta.toy import SHIPPED
 
     if cfg.teacher_init is None:
         return None
-    path = trained_pair()[0] if cfg.teacher_init == "shipped" else Path(cfg.teacher_init)
+    name = "v1" if cfg.teacher_init == "shipped" else cfg.teacher_init
+    path = SHIPPED[name] / "teacher" if name in SHIPPED else Path(cfg.teacher_init)
     if not (path / TOY_FILE).is_file():
         raise UserError(f"config key 'pair.teacher_init': {path} is not a trained toy model (no {TOY_FILE})")
     info = json.loads((path / TOY_FILE).read_text())
@@ -171,6 +173,7 @@ def build_pair(cfg: PairConfig, out: str | os.PathLike, *, log: Callable[[str], 
     ``toy.json``) is kept. ``commit`` is called once the first artefact is on disk. Returns the metrics."""
     from jdelta.data.tokenizer import build_demo_tokenizer, load_tokenizer
     from jdelta.models.qwen3_vl.weights import load_hf_checkpoint
+    from jdelta.toy import SHIPPED
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -226,6 +229,7 @@ def build_pair(cfg: PairConfig, out: str | os.PathLike, *, log: Callable[[str], 
             log(f"  {role} step {step}/{settings.steps} loss {loss:.3f} ({seconds:.0f} s)")
 
         start = init_info = None
+        init_name = cfg.teacher_init if cfg.teacher_init in ("shipped", *SHIPPED) else str(init_dir)  # as given
         if role == "teacher" and init_dir is not None:
             init_info = {k: v for k, v in init[1].items() if k != "loss_curve"}
             start = load_hf_checkpoint(init_dir, vision_max_frame_patches=int(np.prod(train.grid)))[0]
@@ -239,8 +243,7 @@ def build_pair(cfg: PairConfig, out: str | os.PathLike, *, log: Callable[[str], 
                 "train_records": cfg.train_records, "training_rows": len(train),
                 "families": sorted(set(train.families)),
                 "hint_fraction": cfg.teacher_hint_fraction if role == "teacher" else 0.0,
-                "continued_from": None if start is None else {
-                    "path": "shipped" if cfg.teacher_init == "shipped" else str(init_dir), "toy": init_info},
+                "continued_from": None if start is None else {"path": init_name, "toy": init_info},
                 "loss_curve": curve, "seconds": timing[role],
                 "image": to_dict(image_config(cfg.world.width, cfg.world.height)),
                 "made_by": "jdelta toy-models (jdelta.toy.build.build_pair)"}

@@ -176,6 +176,13 @@ def test_shipped_v2_pair_is_the_curriculum_of_v1():
     info = toy_info(teacher)
     cfg = build(Config, {**read_yaml(Path(__file__).resolve().parents[2] / "configs" / "toy_v2.yaml"), "out": "x"})
     assert info["continued_from"]["path"] == cfg.pair.teacher_init == "shipped"
+    # a shipped pair's name works as pair.teacher_init too ("shipped" is v1, as v2's metrics record it)
+    import dataclasses
+
+    from jdelta.toy.build import teacher_init_dir
+
+    named = {n: teacher_init_dir(dataclasses.replace(cfg.pair, teacher_init=n))[0] for n in ("shipped", "v1", "v2")}
+    assert named == {"shipped": SHIPPED["v1"] / "teacher", "v1": SHIPPED["v1"] / "teacher", "v2": teacher}
     assert info["continued_from"]["toy"]["train"] == toy_info(trained_pair()[0])["train"]
     assert info["world"]["answer_style"] == cfg.pair.world.answer_style == "placed"
     assert info["train"]["steps"] == cfg.pair.teacher_train.steps
