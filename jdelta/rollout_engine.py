@@ -45,6 +45,8 @@ from jdelta.sampling import (
     GenerationResult,
     Sampler,
     SamplingParams,
+    decode_head,
+    last_logits,
     prefill,
     sample_step,
 )
@@ -90,9 +92,10 @@ def stack_prompts(prompts: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]
     return out
 
 
-def _step(model, st: EngineState, row_keys, temperature, top_p, stop_ids, *, params, options, pad_id):
+def _step(model, st: EngineState, row_keys, temperature, top_p, stop_ids, *, params, options, pad_id, head=None):
     """One decode step for every slot (the static decode loop's body, per-row step counters);
-    ``row_keys [R]``: each global row's key (row ``r`` step ``t`` draws with ``fold_in(row_keys[r], t)``)."""
+    ``row_keys [R]``: each global row's key (row ``r`` step ``t`` draws with ``fold_in(row_keys[r], t)``);
+    ``head``: the LM head to form the logits with (:func:`jdelta.sampling.decode_head`; None: the model's)."""
     b = st.logits.shape[0]
     keys = jax.vmap(jax.random.fold_in)(row_keys[jnp.maximum(st.row_id, 0)], st.t_row)
     tok, lp, raw_lp = sample_step(keys, st.logits, params, temperature=temperature, top_p=top_p, options=options)
@@ -108,15 +111,22 @@ def _step(model, st: EngineState, row_keys, temperature, top_p, stop_ids, *, par
     done = st.done | stop_now | (t_row >= st.cap)
     pos = (st.cache.index + st.deltas)[:, None].astype(jnp.int32)
     out = model(tok[:, None], attention_mask=jnp.ones((b, 1), jnp.int32),
-                position_ids=jnp.broadcast_to(pos[None], (3, b, 1)), cache=st.cache, return_logits=True)
-    return st._replace(cache=out.cache, logits=out.logits[:, -1, :].astype(jnp.float32), t_row=t_row, done=done,
+                position_ids=jnp.broadcast_to(pos[None], (3, b, 1)), cache=st.cache, return_logits=head is None)
+    logits = last_logits(model, out, head).astype(jnp.float32)
+    return st._replace(cache=out.cache, logits=logits, t_row=t_row, done=done,
                        stopped=st.stopped | stop_now, tokens=tokens, logprobs=lps, raw_logprobs=raw)
 
 
-def run_chunk(graphdef, state, st: EngineState, row_keys, temperature, top_p, stop_ids, min_free, *,
+def engine_head(graphdef, state, *, options: DecodeOptions):
+    """The LM head the engine's steps form logits with (:func:`jdelta.sampling.decode_head`), made
+    once per :meth:`RolloutEngine.generate` call: ``[H, V]`` or None (the model's own head)."""
+    return decode_head(nnx.merge(graphdef, state), options)
+
+
+def run_chunk(graphdef, state, st: EngineState, row_keys, temperature, top_p, stop_ids, min_free, head=None, *,
               params: SamplingParams, options: DecodeOptions, pad_id: int, chunk_steps: int):
     """Up to ``chunk_steps`` steps; stops early when ``min_free`` slots are done, the cache is full
-    or every slot is done. Returns ``(state, steps run)``."""
+    or every slot is done (``head``: :func:`engine_head`'s). Returns ``(state, steps run)``."""
     model = nnx.merge(graphdef, state)
     slots = st.cache.valid.shape[1]
 
@@ -128,7 +138,7 @@ def run_chunk(graphdef, state, st: EngineState, row_keys, temperature, top_p, st
     def body(c):
         i, s = c
         return i + 1, _step(model, s, row_keys, temperature, top_p, stop_ids, params=params, options=options,
-                            pad_id=pad_id)
+                            pad_id=pad_id, head=head)
 
     steps, st = jax.lax.while_loop(cond, body, (jnp.int32(0), st))
     return st, steps
@@ -195,7 +205,8 @@ class RolloutEngine:
       refill_at: free slots that end a chunk early when prompts wait (default
         ``max(n, slots // 8)``): batches admissions, so one prefill serves several prompts.
       rope_index_fn, patch_buckets, image_buckets, pad_id: as :class:`jdelta.sampling.Sampler`.
-      decode_options: top-p preselection settings (the attention of the engine's cache is dense).
+      decode_options: top-p preselection and the LM head copy (``head_copy``: made once per
+        :meth:`generate` call); the attention of the engine's cache is dense.
     """
 
     def __init__(self, model: nnx.Module, *, slots: int, prompt_len: int, margin: int | None = None,
@@ -217,12 +228,13 @@ class RolloutEngine:
         self._prefill = jax.jit(prefill, static_argnames=("graphdef", "n", "max_len"))
         self._chunk = jax.jit(run_chunk, static_argnames=("graphdef", "params", "options", "pad_id", "chunk_steps"),
                               donate_argnames=("st",))
+        self._head = jax.jit(engine_head, static_argnames=("graphdef", "options"))
         self._insert = jax.jit(insert_rows, static_argnames=("pad_id",), donate_argnames=("st",))
         self._compact = jax.jit(compact, static_argnames=("min_index",), donate_argnames=("st",))
 
     @property
     def compile_count(self) -> int:
-        return int(sum(f._cache_size() for f in (self._prefill, self._chunk, self._insert, self._compact)))
+        return int(sum(f._cache_size() for f in (self._prefill, self._chunk, self._insert, self._compact, self._head)))
 
     def _empty_state(self, max_new: int, vocab: int) -> EngineState:
         b = self.slots
@@ -268,6 +280,7 @@ class RolloutEngine:
         stops[: len(params.stop_token_ids)] = params.stop_token_ids
         scalars = (jnp.float32(params.temperature or 1.0), jnp.float32(params.top_p), jnp.asarray(stops))
         graphdef, state = nnx.split(self.model)
+        head = self._head(graphdef, state, options=self.options)  # this call's parameters' head
 
         rows = len(prompts) * n
         if row_keys is None:
@@ -297,7 +310,7 @@ class RolloutEngine:
                 stats["prefills"] += 1
             refill_at = max(n, self.refill_at if self.refill_at is not None else b // 8)
             min_free = min(refill_at, b) if (queue and self.refill == "continuous") else b + 1
-            st, steps = self._chunk(graphdef, state, st, table, *scalars, jnp.int32(min_free), params=structure,
+            st, steps = self._chunk(graphdef, state, st, table, *scalars, jnp.int32(min_free), head, params=structure,
                                     options=self.options, pad_id=self.pad_id, chunk_steps=self.chunk_steps)
             steps = int(steps)
             done = np.asarray(st.done)

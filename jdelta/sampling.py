@@ -454,6 +454,28 @@ def prefill(
     return cache, jnp.repeat(logits, n, axis=0), jnp.repeat(inputs["rope_deltas"], n, axis=0)
 
 
+def decode_head(model: nnx.Module, options: DecodeOptions) -> jax.Array | None:
+    """The LM head a decode loop forms its logits with (inside the jitted loop, once per call):
+    a contiguous ``[H, V]`` copy when ``options.head_copy`` asks for one (``None``: on the CPU
+    backend, for a tied head, the transposed embedding table; an untied head is already a
+    contiguous ``[H, V]`` kernel), else None (the model's own head)."""
+    copy = options.head_copy
+    if copy is None:
+        copy = jax.default_backend() == "cpu" and getattr(model, "lm_head", None) is None
+    # A real [H, V] copy (the barrier keeps XLA from folding the transpose back into the dot).
+    return jax.lax.optimization_barrier(jnp.copy(model.lm_head_weight())) if copy else None
+
+
+def last_logits(model: nnx.Module, out: Any, head: jax.Array | None) -> jax.Array:
+    """``[B, V]`` logits of the last position of a model call made with ``return_logits=head is None``:
+    the model's own (``head`` None) or formed as :func:`~jdelta.models.family.logits_from_hidden`
+    does, with ``head [H, V]``."""
+    if head is None:
+        return out.logits[:, -1, :]
+    hidden = out.hidden_states[:, -1, :]
+    return softcap(jnp.dot(hidden, head.astype(hidden.dtype)), logit_softcap(model))
+
+
 class DecodeOutput(NamedTuple):
     tokens: jax.Array  # [R, max_new] int32
     logprobs: jax.Array  # [R, max_new] float32 (sampling distribution)
@@ -509,12 +531,7 @@ def decode(
     rows = first_logits.shape[0]
     max_new = params.max_new_tokens
     keys = row_keys(rng, rows)
-    # Only a tied head is the transposed embedding table; an untied head is already a [H, V] kernel.
-    tied_head = getattr(model, "lm_head", None) is None
-    copy_head = options.head_copy if options.head_copy is not None else (
-        jax.default_backend() == "cpu" and tied_head)
-    # A real [H, V] copy (the barrier keeps XLA from folding the transpose back into the dot).
-    head = jax.lax.optimization_barrier(jnp.copy(model.lm_head_weight())) if copy_head else None
+    head = decode_head(model, options)
     batch_sharding = (lambda x, names: x) if mesh is None else (
         lambda x, names: jax.lax.with_sharding_constraint(x, activation_sharding(mesh, names, x.shape, rules)))
 
@@ -542,11 +559,7 @@ def decode(
             cache=cache,
             return_logits=head is None,
         )
-        if head is None:
-            step_logits = out.logits[:, -1, :]
-        else:  # as logits_from_hidden forms them, with the copied head
-            hidden = out.hidden_states[:, -1, :]
-            step_logits = softcap(jnp.dot(hidden, head.astype(hidden.dtype)), logit_softcap(model))
+        step_logits = last_logits(model, out, head)
         new_logits = batch_sharding(step_logits.astype(jnp.float32), ("batch", "vocab"))
         new_cache = _constrain_cache(out.cache, mesh, rules)
         return t + 1, new_cache, new_logits, tokens, lps, raw_lps, lengths, finished

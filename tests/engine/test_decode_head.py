@@ -81,3 +81,23 @@ def test_head_copy_equals_the_models_head_tied_qwen3_vl():
                    SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=10, n=2)):
         a, b = (s.generate(batch, params, rng=5) for s in samplers)
         _same(a, b)
+
+
+def test_engine_head_copy_equals_the_models_head_tiny_lm():
+    """The rollout engine forms its steps' logits with the copied head too (one copy per call)."""
+    from flax import nnx
+
+    from jdelta.rollout_engine import RolloutEngine
+
+    model = SpyLM(TinyConfig(), rngs=nnx.Rngs(0))
+    prompts = [{"input_ids": np.asarray(p, np.int32)} for p in ([5, 6, 7], [1, 2, 3, 4, 9, 10], [3, 8], [9, 9, 2])]
+    params = SamplingParams(temperature=1.2, top_p=0.9, max_new_tokens=12, n=2, stop_token_ids=(3,))
+    out = {}
+    for copy in (False, True):
+        SpyLM.calls.clear()
+        engine = RolloutEngine(model, slots=4, prompt_len=8, chunk_steps=5, margin=3, rope_index_fn=tiny_rope_index,
+                               decode_options=DecodeOptions(head_copy=copy))
+        out[copy] = engine.generate(prompts, params, rng=4)
+        assert SpyLM.calls == [not copy]  # traced once; the copy path skips the model's head
+        assert out[copy].stats["prefills"] > 1  # slots were refilled mid-call
+    _same(out[False], out[True])
