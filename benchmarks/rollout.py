@@ -11,6 +11,11 @@ wall time.
 
     python benchmarks/rollout.py                                  # CPU-sized: median 16, p99 256
     python benchmarks/rollout.py --preset 2b --dtype bfloat16 --median 256 --p99 4096 --prompts 512 --slots 64
+    python benchmarks/rollout.py --preset 100m --prompts 64 --p99 64 --compare-head   # + the model's own LM head
+
+``--compare-head`` adds a continuous engine that forms logits with the model's own head
+(``DecodeOptions(head_copy=False)``; on CPU the default copies a tied head to a contiguous ``[H, V]``
+once per call), in the same alternating rounds.
 """
 
 from __future__ import annotations
@@ -50,12 +55,13 @@ def main(argv=None):
     ap.add_argument("--max-new", type=int, default=None)
     ap.add_argument("--chunk-steps", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compare-head", action="store_true", help="add a continuous engine without the LM head copy")
     args = ap.parse_args(argv)
     max_new = args.max_new or int(args.p99)
     print(versions(), flush=True)
 
     from jdelta.rollout_engine import RolloutEngine
-    from jdelta.sampling import SamplingParams
+    from jdelta.sampling import DecodeOptions, SamplingParams
 
     p = PRESETS[args.preset]
     model, _ = build_model(p, args.dtype, logit_std=3.0)
@@ -68,8 +74,12 @@ def main(argv=None):
         pos = np.where(mask > 0, np.cumsum(mask, -1) - 1, 1)
         return np.broadcast_to(pos[None], (3,) + mask.shape).astype(np.int32), (mask.sum(-1) - mask.shape[1])
 
-    engines = {mode: RolloutEngine(model, slots=args.slots, prompt_len=args.prompt_len, chunk_steps=args.chunk_steps,
-                                   refill=mode, rope_index_fn=rope) for mode in ("static", "continuous")}
+    sides = {"static": ("static", None), "continuous": ("continuous", None)}
+    if args.compare_head:
+        sides["continuous, model's head"] = ("continuous", DecodeOptions(head_copy=False))
+    engines = {label: RolloutEngine(model, slots=args.slots, prompt_len=args.prompt_len, chunk_steps=args.chunk_steps,
+                                    refill=mode, rope_index_fn=rope, decode_options=opts)
+               for label, (mode, opts) in sides.items()}
     results = {}
     for _ in range(2):  # the second round is warm
         for mode, engine in engines.items():
@@ -77,7 +87,8 @@ def main(argv=None):
             res = engine.generate(prompts, params, rng=args.seed, max_new_per_prompt=caps)
             results[mode] = (time.perf_counter() - t0, res)
             print(f"{mode}: {time.perf_counter() - t0:.1f} s, {res.stats['steps']} steps", flush=True)
-    assert (results["static"][1].tokens == results["continuous"][1].tokens).all(), "completions differ"
+    for label, (_, res) in results.items():
+        assert (res.tokens == results["static"][1].tokens).all(), f"completions differ: {label}"
     tokens = int(np.repeat(caps, args.n).sum())
     print(f"\nQwen3-VL {args.preset} shape ({args.dtype}), {args.slots} slots, {args.prompts} prompts x n {args.n}, "
           f"prompt {args.prompt_len} tokens; lengths: median {np.median(caps):.0f}, p99 "
@@ -90,6 +101,9 @@ def main(argv=None):
               f"| {s['prefills']} | {s['compactions']} | {tokens / wall:,.0f} |")
     ratio = results["static"][0] / results["continuous"][0]
     print(f"\ncontinuous / static useful tokens/s: {ratio:.2f}x (completions identical)")
+    if args.compare_head:
+        head = results["continuous, model's head"][0] / results["continuous"][0]
+        print(f"continuous with the head copy / with the model's head: {head:.2f}x")
 
 
 if __name__ == "__main__":
