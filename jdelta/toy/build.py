@@ -218,7 +218,7 @@ def build_pair(cfg: PairConfig, out: str | os.PathLike, *, log: Callable[[str], 
         path = out / role
         mcfg = model_config(tokenizer, size)
         if (path / TOY_FILE).is_file():
-            models[role] = load_hf_checkpoint(path)[0]
+            models[role] = load_hf_checkpoint(path, vision_max_frame_patches=int(np.prod(train.grid)))[0]
             curves[role] = json.loads((path / TOY_FILE).read_text()).get("loss_curve", [])
             log(f"{role}: kept {path}")
             continue
@@ -342,6 +342,9 @@ def evaluate_dirs(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike
                              with_pixelated=True)
     heldout_hint = None if not info.get("hint_fraction") else encode_records(
         records, tokenizer, width=world.width, height=world.height, length=row_length + 64, hinted=True)
-    teacher, _ = load_hf_checkpoint(teacher_dir)
-    student, _ = load_hf_checkpoint(student_dir)
+    # block-local vision attention, one block per image (the dense block-diagonal result, far cheaper
+    # with 64 images a batch)
+    frame = int(np.prod(heldout.grid))
+    teacher, _ = load_hf_checkpoint(teacher_dir, vision_max_frame_patches=frame)
+    student, _ = load_hf_checkpoint(student_dir, vision_max_frame_patches=frame)
     return evaluate_pair(teacher, student, heldout, world, heldout_hint), world
