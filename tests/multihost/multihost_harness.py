@@ -30,11 +30,9 @@ def free_port() -> int:
 
 def process_env(index: int, count: int, port: int, devices: int, extra: dict | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JDELTA_", "XLA_FLAGS"))}
-    # the test process's other XLA flags (conftest.py's compile settings) with this process's device count
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
     env.update({
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": " ".join([f"--xla_force_host_platform_device_count={devices}", *flags]),
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
         "JAX_DEFAULT_MATMUL_PRECISION": "highest",
         "JDELTA_DISTRIBUTED": "1",
         "JDELTA_COORDINATOR": f"localhost:{port}",
