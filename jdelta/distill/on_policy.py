@@ -356,6 +356,7 @@ class OnPolicyDistiller:
                                  "distill.engine=static with a mesh or several processes")
         self.cfg, self.prompts, self.mesh, self.rules = cfg, prompts, mesh, rules
         self._engines: dict[tuple[int, int], Any] = {}  # (model id, prompt length) -> RolloutEngine
+        self.engine_stats: dict[str, Any] | None = None  # the last engine call's RolloutEngine stats
         self.student = student_template
         self.teacher = teacher
         self.sampler = Sampler(self.student, mesh=mesh, rules=rules, pad_id=cfg.pad_id)
@@ -429,7 +430,9 @@ class OnPolicyDistiller:
                 model, slots=self.cfg.engine_slots or len(prompts) * params.n, prompt_len=prompt_len,
                 pad_id=self.cfg.pad_id, patch_buckets=sampler.patch_buckets, image_buckets=sampler.image_buckets,
                 rope_index_fn=sampler.rope_index_fn, decode_options=sampler.decode_options)
-        return self._engines[key].generate(prompts, params, rng=rng)
+        res = self._engines[key].generate(prompts, params, rng=rng)
+        self.engine_stats = res.stats
+        return res
 
     def build_batch(self, prompts: Mapping[str, Any], completion: np.ndarray, lengths: np.ndarray,
                     ) -> dict[str, np.ndarray]:
@@ -484,6 +487,7 @@ class OnPolicyDistiller:
         prompts = next(self.prompts)
         coin = np.random.default_rng([cfg.seed, step]).random()
         off_policy = cfg.mode == "gkd" and coin >= cfg.gkd_lambda
+        self.engine_stats = None
         completion, lengths = self._rollout(prompts, state, step, off_policy)
         completion = np.asarray(completion)
         lengths, n_cut = cut_at_special(completion, lengths, self._special)
@@ -499,6 +503,9 @@ class OnPolicyDistiller:
             "rollout/cut_at_special": float(n_cut),
             "rollout/cut_at_padded_id": float(n_padded),
         }
+        if self.engine_stats is not None:  # engine=continuous: how busy its slots were
+            stats["rollout/slot_utilization"] = float(self.engine_stats["utilization"])
+            stats["rollout/decode_steps"] = float(self.engine_stats["steps"])
         if "va" in scores:
             from jdelta.distributed import host_array  # a global array spanning processes is gathered
 

@@ -41,12 +41,13 @@ def run_steps(engine: str, **overrides):
 
     distiller._rollout = recorded
     step_fn = jax.jit(make_train_step(make_distill_loss(cfg), schedule=make_schedule(ocfg)))
-    losses = []
+    losses, stats = [], []
     for step in range(STEPS):
         inp = distiller.produce(state, step)
         state, metrics = step_fn(state, inp.batch, inp.shared)
         losses.append(float(metrics["loss"]))
-    return rollouts, losses, jax.tree.map(np.asarray, state.params), distiller
+        stats.append(inp.stats)
+    return rollouts, losses, jax.tree.map(np.asarray, state.params), distiller, stats
 
 
 @pytest.mark.parametrize("overrides", [
@@ -69,6 +70,12 @@ def test_continuous_rollouts_train_as_static(overrides):
     np.testing.assert_allclose(cont[1], static[1], rtol=1e-5, atol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), cont[2], static[2])
     assert cont[3]._engines and not static[3]._engines  # the engine did run
+    # the engine's slot use is logged per step: generated tokens / (decode steps x 6 slots)
+    for (_, _, len_c), st in zip(cont[0], cont[4], strict=True):
+        assert st["rollout/decode_steps"] >= len_c.max()
+        assert st["rollout/slot_utilization"] == pytest.approx(len_c.sum() / (st["rollout/decode_steps"] * 6))
+        assert 0 < st["rollout/slot_utilization"] <= 1
+    assert not any("rollout/slot_utilization" in st for st in static[4])
 
 
 def test_engine_config_checks():
