@@ -184,8 +184,7 @@ def build_pair(cfg: PairConfig, out: str | os.PathLike, *, log: Callable[[str], 
 
     t0, c0 = time.perf_counter(), time.process_time()
     tok_dir = out / "tokenizer"
-    init = teacher_init_dir(cfg)
-    init_dir = None if init is None else init[0]
+    init_dir, init_toy = teacher_init_dir(cfg) or (None, None)
     if not (tok_dir / "tokenizer.json").is_file():
         if init_dir is not None:  # the starting teacher's tokenizer, unchanged
             load_tokenizer(init_dir).save_pretrained(str(tok_dir))
@@ -217,8 +216,9 @@ def build_pair(cfg: PairConfig, out: str | os.PathLike, *, log: Callable[[str], 
         train = data[role]
         path = out / role
         mcfg = model_config(tokenizer, size)
+        frame = int(np.prod(train.grid))  # block-local vision attention, one block per image
         if (path / TOY_FILE).is_file():
-            models[role] = load_hf_checkpoint(path, vision_max_frame_patches=int(np.prod(train.grid)))[0]
+            models[role] = load_hf_checkpoint(path, vision_max_frame_patches=frame)[0]
             curves[role] = json.loads((path / TOY_FILE).read_text()).get("loss_curve", [])
             log(f"{role}: kept {path}")
             continue
@@ -228,11 +228,12 @@ def build_pair(cfg: PairConfig, out: str | os.PathLike, *, log: Callable[[str], 
         def progress(step: int, loss: float, seconds: float, role=role, settings=settings) -> None:
             log(f"  {role} step {step}/{settings.steps} loss {loss:.3f} ({seconds:.0f} s)")
 
-        start = init_info = None
-        init_name = cfg.teacher_init if cfg.teacher_init in ("shipped", *SHIPPED) else str(init_dir)  # as given
+        start = continued_from = None
         if role == "teacher" and init_dir is not None:
-            init_info = {k: v for k, v in init[1].items() if k != "loss_curve"}
-            start = load_hf_checkpoint(init_dir, vision_max_frame_patches=int(np.prod(train.grid)))[0]
+            # a shipped pair's name as given, else the directory
+            continued_from = {"path": cfg.teacher_init if cfg.teacher_init in ("shipped", *SHIPPED) else str(init_dir),
+                              "toy": {k: v for k, v in init_toy.items() if k != "loss_curve"}}
+            start = load_hf_checkpoint(init_dir, vision_max_frame_patches=frame)[0]
         model, losses = train_model(mcfg, train, settings, family_weights=weights, log=progress,
                                     log_every=max(1, settings.steps // 10), start=start)
         clock(role, t1, c1)
@@ -243,7 +244,7 @@ def build_pair(cfg: PairConfig, out: str | os.PathLike, *, log: Callable[[str], 
                 "train_records": cfg.train_records, "training_rows": len(train),
                 "families": sorted(set(train.families)),
                 "hint_fraction": cfg.teacher_hint_fraction if role == "teacher" else 0.0,
-                "continued_from": None if start is None else {"path": init_name, "toy": init_info},
+                "continued_from": continued_from,
                 "loss_curve": curve, "seconds": timing[role],
                 "image": to_dict(image_config(cfg.world.width, cfg.world.height)),
                 "made_by": "jdelta toy-models (jdelta.toy.build.build_pair)"}

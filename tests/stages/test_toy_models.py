@@ -1,5 +1,6 @@
 """The trained toy world: world definition, balanced batches, deterministic training, the shipped pair."""
 
+import dataclasses
 import json
 from collections import Counter
 from pathlib import Path
@@ -10,7 +11,7 @@ from flax import nnx
 
 from jdelta.cli import main
 from jdelta.config import build
-from jdelta.toy.build import PairConfig, target_checks
+from jdelta.toy.build import PairConfig, target_checks, teacher_init_dir
 from jdelta.toy.evaluate import by_family
 from jdelta.toy.train import BalancedRows, ModelSize, TrainSettings
 from jdelta.toy.world import FamilySpec, WorldConfig, split_seed, world_records
@@ -79,8 +80,6 @@ def _stage(out, pair: PairConfig) -> int:
 def test_toy_models_stage_is_deterministic(tmp_path):
     """Retraining with the same seed gives the same weights, byte for byte; another seed does not;
     ``teacher_init`` continues the given teacher (its tokenizer and weights) instead of a fresh one."""
-    import dataclasses
-
     from jdelta.errors import UserError
     from jdelta.models.qwen3_vl.weights import load_hf_checkpoint
 
@@ -177,10 +176,6 @@ def test_shipped_v2_pair_is_the_curriculum_of_v1():
     cfg = build(Config, {**read_yaml(Path(__file__).resolve().parents[2] / "configs" / "toy_v2.yaml"), "out": "x"})
     assert info["continued_from"]["path"] == cfg.pair.teacher_init == "shipped"
     # a shipped pair's name works as pair.teacher_init too ("shipped" is v1, as v2's metrics record it)
-    import dataclasses
-
-    from jdelta.toy.build import teacher_init_dir
-
     named = {n: teacher_init_dir(dataclasses.replace(cfg.pair, teacher_init=n))[0] for n in ("shipped", "v1", "v2")}
     assert named == {"shipped": SHIPPED["v1"] / "teacher", "v1": SHIPPED["v1"] / "teacher", "v2": teacher}
     assert info["continued_from"]["toy"]["train"] == toy_info(trained_pair()[0])["train"]
@@ -233,7 +228,6 @@ def test_reasoned_completions_and_hints():
 
 
 def test_hinted_rows_and_student_families():
-    import dataclasses
     import tempfile
 
     from jdelta.data.chat import HINT_PREFIX
