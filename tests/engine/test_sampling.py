@@ -239,6 +239,7 @@ def test_bad_input_errors(model, sampler):
         sampler.generate(bad, SamplingParams(), rng=0)
 
 
+@pytest.mark.slow  # the default suite shards the Qwen3-VL sampler the same way (test_sampling_qwen3_vl.py)
 def test_mesh_matches_single_device(model):
     """fsdp=4 x tensor=2 on 8 CPU devices gives the same samples as one device, and really runs
     sharded: parameters, the KV cache and the outputs are split over the 8 devices."""
