@@ -12,17 +12,24 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-# A persistent compilation cache for this test process only (a fresh directory, removed at exit):
-# the same programs are compiled again and again across tests (new jitted closures, and every
-# module's programs dropped below), and a hit loads the compiled program instead of running
-# XLA's compiler again (a smoke experiment: 12-27% less time in two alternated pairs). What else was
-# tried for the suite's time and why it is not here: benchmarks/RESULTS.md, "Test suite time".
+# A persistent compilation cache for this test run (a fresh directory, removed at exit), shared by
+# the run's pytest processes (xdist's controller makes it, its workers inherit the path): the same
+# programs are compiled again and again across tests and workers (new jitted closures, and programs
+# dropped below), and a hit loads the compiled program instead of running XLA's compiler again
+# (compilation is ~60% of the suite's CPU time). Two workers writing one entry at once is harmless (jax
+# checks for the file first; a partly written entry read back fails with a warning and is compiled).
+# The multi-process runs the tests start keep their own compilations (jax lets only process 0 of such
+# a run write entries). What else was tried for the suite's time and why it is not here:
+# benchmarks/RESULTS.md, "Test suite time".
 import atexit  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
-_XLA_CACHE = tempfile.mkdtemp(prefix="jdelta-test-xla-cache-")
-atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+_XLA_CACHE = os.environ.get("JDELTA_TEST_XLA_CACHE")
+if not _XLA_CACHE:  # the run's first pytest process (xdist's controller); its workers inherit the path
+    _XLA_CACHE = tempfile.mkdtemp(prefix="jdelta-test-xla-cache-")
+    os.environ["JDELTA_TEST_XLA_CACHE"] = _XLA_CACHE
+    atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
 jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
