@@ -1,7 +1,8 @@
 """``jdelta distill`` (VA-OPD) as one program over 2 processes x 4 CPU devices: the same losses and
 parameters as the one-process run over 8 devices; a SIGTERM to one process makes both save the
 same step and exit cleanly, and the rerun resumes to the uninterrupted run's parameters (the
-default-suite test checks both at once: interrupted 2-process run == uninterrupted 1-process run)."""
+default-suite test checks both at once for reverse-KL OPD: interrupted 2-process run == uninterrupted
+1-process run)."""
 
 import json
 import signal
@@ -25,11 +26,11 @@ def mapping(run_dir, steps: int, **over) -> dict:
         "optimizer": {"total_steps": 6}, "checkpoint": {"save_every": 2, "async_save": False}}, over))
 
 
-def one_process(run_dir, steps: int):
+def one_process(run_dir, steps: int, **over):
     from jdelta.config import build
     from jdelta.stages.distill import Config, train
 
-    state = train(build(Config, mapping(run_dir, steps))).state
+    state = train(build(Config, mapping(run_dir, steps, **over))).state
     return [np.asarray(x) for x in jax.tree.leaves(state.params)]
 
 
@@ -109,10 +110,17 @@ def test_two_processes_equal_one(mode, source, tmp_path):
             np.testing.assert_allclose(b[k], a[k], atol=atol, rtol=0)
 
 
+# Preemption is the loop's and the checkpoint's business, not the loss's: plain reverse-KL OPD on text
+# prompts, ~20% less CPU than VA-OPD on image prompts (measured). VA-OPD on image prompts over 2
+# processes: test_two_processes_equal_one (-m slow); its step sharded over 8 devices in one process:
+# tests/distill/test_distill_mesh.py (default suite).
+PREEMPT = {"distill": {"mode": "reverse_kl"}, "data": {"with_image": False}}
+
+
 def test_sigterm_to_one_process_saves_both_at_one_step_and_resumes_exactly(tmp_path):
     steps = 6
     run_dir = tmp_path / "run"
-    procs = start(["distill", json.dumps(mapping(run_dir, steps)), "0.5"])
+    procs = start(["distill", json.dumps(mapping(run_dir, steps, **PREEMPT)), "0.5"])
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
@@ -127,10 +135,10 @@ def test_sigterm_to_one_process_saves_both_at_one_step_and_resumes_exactly(tmp_p
     assert saved[1]["steps"] == stop and 1 <= stop < steps
     ckpts = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
     assert ckpts[-1] == stop
-    second = run_ok(["distill", json.dumps(mapping(run_dir, steps))])
+    second = run_ok(["distill", json.dumps(mapping(run_dir, steps, **PREEMPT))])
     assert [summary_of(f)["steps_run"] for f in second] == [steps - stop] * 2
     # the interrupted 2-process run (resumed) equals the uninterrupted 1-process run over 8 devices
-    straight = one_process(tmp_path / "straight", steps)
+    straight = one_process(tmp_path / "straight", steps, **PREEMPT)
     assert_params_close(params_of(run_dir), straight)
     rows, ref = read_metrics(metrics), read_metrics(tmp_path / "straight" / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
