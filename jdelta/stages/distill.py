@@ -170,6 +170,7 @@ def train(cfg: Config) -> Trained:
     """Run (or resume) the job of ``cfg`` in its run directory."""
     import contextlib
 
+    import jax
     import jax.numpy as jnp
 
     from jdelta.checkpoint import Checkpointer
@@ -204,8 +205,10 @@ def train(cfg: Config) -> Trained:
         if ocfg.total_steps is None:
             ocfg = dataclasses.replace(ocfg, total_steps=cfg.train.steps)
         state = TrainState.create(student, make_optimizer(ocfg), seed=cfg.train.seed)
-        if mesh is not None:
-            state = shard_state(state, mesh)
+        # On a mesh: sharded by the rules. Without one: committed to this process's first device, as a
+        # resumed state is (Orbax restores committed arrays), so that a resumed run compiles the same
+        # programs as a fresh one (uncommitted inputs lower without a sharding: another program).
+        state = shard_state(state, mesh) if mesh is not None else jax.device_put(state, jax.local_devices()[0])
         if on_policy:
             from jdelta.distill.on_policy import OnPolicyDistiller, make_distill_loss
 
