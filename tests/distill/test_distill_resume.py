@@ -8,6 +8,8 @@ stream used to restart from its first batch on resume -- runs in the default sui
 mode x source pairs are marked slow.
 """
 
+import contextlib
+
 import jax
 import numpy as np
 import pytest
@@ -32,6 +34,25 @@ def records(tmp_path_factory):
     return records_setup(tmp_path_factory.mktemp("records"))
 
 
+@contextlib.contextmanager
+def compile_requests():
+    """Counts the XLA compilations requested inside the block (``total``) and how many of them the
+    persistent compilation cache answered (``hits``)."""
+    counts = {"total": 0, "hits": 0}
+    names = {"/jax/compilation_cache/compile_requests_use_cache": "total", "/jax/compilation_cache/cache_hits": "hits"}
+    active = [True]
+
+    def listen(event, **kwargs):
+        if active[0] and event in names:
+            counts[names[event]] += 1
+
+    jax.monitoring.register_event_listener(listen)
+    try:
+        yield counts
+    finally:
+        active[0] = False  # jax.monitoring has no public way to remove a listener
+
+
 def _leaves(state):
     return [np.asarray(x) for x in jax.tree.leaves((state.params, state.opt_state, state.rng, state.step,
                                                     state.nan_steps))]
@@ -46,7 +67,11 @@ def test_resume_equals_uninterrupted(mode, source, request, tmp_path):
     common = {**sections, "distill": distill, "optimizer": {"total_steps": 4}}
     straight = train(stage_config(tmp_path / "straight", train={"steps": 4}, **common))
     first = train(stage_config(tmp_path / "resumed", train={"steps": 2}, **common))
-    resumed = train(stage_config(tmp_path / "resumed", train={"steps": 4}, **common))
+    with compile_requests() as requests:
+        resumed = train(stage_config(tmp_path / "resumed", train={"steps": 4}, **common))
+    # the restored state lowers to the programs the fresh one did: every compilation of the resumed run
+    # is found in the tests' persistent compilation cache (tests/conftest.py)
+    assert requests["total"] > 0 and requests["hits"] == requests["total"], requests
     assert (first.summary["steps_run"], resumed.summary["steps_run"], resumed.summary["steps"]) == (2, 2, 4)
     for a, b in zip(_leaves(resumed.state), _leaves(straight.state), strict=True):
         np.testing.assert_array_equal(a, b)
