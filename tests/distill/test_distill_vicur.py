@@ -32,8 +32,14 @@ def _state(student):
 
 
 def _loss_and_grads(cfg, state, batch, shared):
+    """The loss of ``cfg`` and its gradient at ``state.params`` (the arrays are arguments, not constants
+    closed over, so calls with other arrays of the same shapes reuse the compiled program)."""
     fn = make_distill_loss(cfg)
-    return jax.jit(jax.value_and_grad(lambda p: fn(state.model(p), batch, None, shared), has_aux=True))(state.params)
+
+    def loss(params, rest, batch, shared):
+        return fn(state.replace(rest=rest).model(params), batch, None, shared)
+
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(state.params, state.rest, batch, shared)
 
 
 # ----------------------------------------------------------------------------- vicur == sampled-token OPD
