@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -327,10 +327,20 @@ def report_markdown(metrics: dict[str, Any], world: WorldConfig) -> str:
     return "\n".join(lines)
 
 
-def evaluate_dirs(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike, *,
-                  heldout_per_family: int = 200, row_length: int = 96) -> tuple[dict[str, Any], WorldConfig]:
-    """:func:`evaluate_pair` for two saved toy models (their world from ``toy.json``) on a freshly
-    generated held-out set; returns ``(metrics, world)``."""
+class HeldoutSetup(NamedTuple):
+    """Two saved toy models loaded for evaluation, their world and its freshly generated held-out
+    rows (``heldout_hint``: the same rows with the hint, when the teacher was trained with hints)."""
+
+    teacher: Any
+    student: Any
+    world: WorldConfig
+    heldout: Encoded
+    heldout_hint: Encoded | None
+
+
+def load_heldout(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike, *,
+                 heldout_per_family: int = 200, row_length: int = 96) -> HeldoutSetup:
+    """The pair in ``teacher_dir`` / ``student_dir`` (their world from ``toy.json``) and its held-out set."""
     from jdelta.config import build
     from jdelta.data.tokenizer import load_tokenizer
     from jdelta.models.qwen3_vl.weights import load_hf_checkpoint
@@ -348,4 +358,12 @@ def evaluate_dirs(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike
     frame = int(np.prod(heldout.grid))
     teacher, _ = load_hf_checkpoint(teacher_dir, vision_max_frame_patches=frame)
     student, _ = load_hf_checkpoint(student_dir, vision_max_frame_patches=frame)
-    return evaluate_pair(teacher, student, heldout, world, heldout_hint), world
+    return HeldoutSetup(teacher, student, world, heldout, heldout_hint)
+
+
+def evaluate_dirs(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike, *,
+                  heldout_per_family: int = 200, row_length: int = 96) -> tuple[dict[str, Any], WorldConfig]:
+    """:func:`evaluate_pair` for two saved toy models on a freshly generated held-out set
+    (:func:`load_heldout`); returns ``(metrics, world)``."""
+    s = load_heldout(teacher_dir, student_dir, heldout_per_family=heldout_per_family, row_length=row_length)
+    return evaluate_pair(s.teacher, s.student, s.heldout, s.world, s.heldout_hint), s.world
