@@ -88,7 +88,9 @@ def test_engine_config_checks():
 def test_stage_switches_the_engine_on_resume(tmp_path):
     """The stage runs continuous rollouts (synthetic image prompts); ``distill.engine`` does not
     change what a step computes, so a rerun may switch it and the run resumes."""
-    sections = {"distill": {"mode": "reverse_kl", "rollouts_per_prompt": 2}, "data": {"batch_size": 2}}
+    # (one schedule for both runs: the resumed run's train step is then the same program, compiled once)
+    sections = {"distill": {"mode": "reverse_kl", "rollouts_per_prompt": 2}, "data": {"batch_size": 2},
+                "optimizer": {"total_steps": 3}}
     run = tmp_path / "run"
     cont = train(stage_config(run, train={"steps": 2}, **{**sections, "distill": {
         **sections["distill"], "engine": "continuous", "engine_slots": 2}}))

@@ -12,7 +12,8 @@ from jdelta.testing import random_model, tiny_config
 
 
 def test_on_policy_reverse_kl_learns():
-    before, after, result = distill_pair("reverse_kl", 100)
+    # 50 steps: the held-out KL falls to ~0.4x (0.90 -> 0.36 at 40 steps, 0.29 at 60; 2-core VM, 2026-11-29)
+    before, after, result = distill_pair("reverse_kl", 50)
     print(f"held-out reverse KL {before:.4f} -> {after:.4f}; {result.time_split()}")
     assert after <= 0.5 * before, (before, after)
     m = result.last_metrics
