@@ -4,7 +4,8 @@ from distill_pair import distill_pair
 
 
 def test_va_opd_learns():
-    before, after, result = distill_pair("va_opd", 100)
+    # 50 steps: the held-out KL falls to ~0.4x (0.90 -> 0.35; 2-core VM, 2026-11-29)
+    before, after, result = distill_pair("va_opd", 50)
     print(f"held-out reverse KL {before:.4f} -> {after:.4f}; {result.time_split()}")
     assert after <= 0.5 * before, (before, after)
     m = result.last_metrics
