@@ -1,13 +1,19 @@
 """Curriculum probe: the shipped v1 teacher (reads, short answers) continued on world-v2 completions + evidence hints."""
-import sys, time, json
-import numpy as np, jax.numpy as jnp
-from jdelta.toy import trained_pair
-from jdelta.toy.world import WorldConfig, world_records
-from jdelta.toy.train import encode_records, model_inputs, training_config, BalancedRows, _train_step
-from jdelta.toy.build import hinted_rows, evaluate_pair
+import json
+import sys
+import time
+
+import jax.numpy as jnp
+import numpy as np
+
+from jdelta.data.tokenizer import load_tokenizer
 from jdelta.distill.train_state import OptimizerConfig, TrainState, make_optimizer
 from jdelta.models.qwen3_vl.weights import load_hf_checkpoint
-from jdelta.data.tokenizer import load_tokenizer
+from jdelta.toy import trained_pair
+from jdelta.toy.build import evaluate_pair, hinted_rows
+from jdelta.toy.train import BalancedRows, _train_step, encode_records, model_inputs
+from jdelta.toy.world import WorldConfig, world_records
+
 steps, lr = int(sys.argv[1]), float(sys.argv[2])
 t_dir, _ = trained_pair()
 tok = load_tokenizer(t_dir)
@@ -29,7 +35,8 @@ opt = make_optimizer(OptimizerConfig(learning_rate=lr, b1=0.9, b2=0.98, weight_d
 state = TrainState.create(model, opt, seed=0)
 rng = np.random.default_rng(0)
 sampler = BalancedRows(enc.families, enc.answers, rng, {"trend": 2, "counting": 1, "argmax": 3, "argmin": 3})
-t0 = time.time(); losses = []
+t0 = time.time()
+losses = []
 for step in range(steps):
     rows = sampler.take(32)
     pix = rng.random(len(rows)) < 0.2

@@ -1,11 +1,15 @@
 """Diagnostic: train only the teacher of PairConfig with a given answer style / hint fraction; evaluate."""
-import sys, time, json, dataclasses
+import json
+import sys
+import time
 from pathlib import Path
+
 from jdelta.config import to_dict
 from jdelta.data.tokenizer import build_demo_tokenizer, load_tokenizer
-from jdelta.toy.build import PairConfig, encode_split, hinted_rows, evaluate_pair
+from jdelta.toy.build import PairConfig, encode_split, evaluate_pair, hinted_rows
 from jdelta.toy.train import TrainSettings, model_config, train_model
 from jdelta.toy.world import WorldConfig, answer_corpus
+
 style, frac, out = sys.argv[1], float(sys.argv[2]), Path(sys.argv[3])
 cfg = PairConfig(world=WorldConfig(answer_style=style), teacher_hint_fraction=frac)
 out.mkdir(parents=True, exist_ok=True)
@@ -20,7 +24,7 @@ settings = TrainSettings(**{**to_dict(cfg.teacher_train), "seed": cfg.seed})
 t0, c0 = time.perf_counter(), time.process_time()
 model, losses = train_model(model_config(tok, cfg.teacher), train, settings,
                             family_weights={f.family: f.weight for f in cfg.world.families},
-                            log=lambda s, l, sec: print(f"step {s} loss {l:.3f} ({sec:.0f}s)", flush=True), log_every=700)
+                            log=lambda s, loss, sec: print(f"step {s} loss {loss:.3f} ({sec:.0f}s)", flush=True), log_every=700)
 print("time", time.perf_counter() - t0, time.process_time() - c0)
 m = evaluate_pair(model, model, held, cfg.world, held_h)["teacher"]
 print(json.dumps({k: {f: round(100 * v["accuracy"], 1) for f, v in m[k].items()} for k in ("accuracy", "pixelated_accuracy", "hint_accuracy")}))
