@@ -40,17 +40,16 @@ def compile_requests():
     persistent compilation cache answered (``hits``)."""
     counts = {"total": 0, "hits": 0}
     names = {"/jax/compilation_cache/compile_requests_use_cache": "total", "/jax/compilation_cache/cache_hits": "hits"}
-    active = [True]
 
     def listen(event, **kwargs):
-        if active[0] and event in names:
+        if event in names:
             counts[names[event]] += 1
 
     jax.monitoring.register_event_listener(listen)
     try:
         yield counts
     finally:
-        active[0] = False  # jax.monitoring has no public way to remove a listener
+        jax.monitoring.unregister_event_listener(listen)
 
 
 def _leaves(state):

@@ -143,7 +143,7 @@ def test_shipped_pair_meets_the_world_targets():
     teacher, student = trained_pair()
     assert toy_info(teacher)["role"] == "teacher" and toy_info(student)["role"] == "student"
     s = load_heldout(teacher, student)
-    acc = lambda model, **kw: by_family(greedy_correct(model, s.heldout, **kw), s.heldout.families, s.world.names)  # noqa: E731
+    acc = lambda model, **kw: by_family(greedy_correct(model, s.heldout, **kw), s.heldout.families, s.world.names)
     metrics = {"teacher": {"accuracy": acc(s.teacher), "pixelated_accuracy": acc(s.teacher, pixelated=True)},
                "student": {"accuracy": acc(s.student)}}
     checks = target_checks(metrics, s.world)
